@@ -1,0 +1,27 @@
+//! The embedded backends `iotpipe dev` runs on: an in-process partitioned log and redb-backed
+//! stores in a data directory. No external service is needed.
+//!
+//! Why redb: it is a pure-Rust, ACID, single-file B-tree store with fsync'd commits and MVCC reads,
+//! which matches what the stores need (small transactional batches, range scans by key, readers
+//! never blocking the writer). `benches/pipeline.rs` measures it against fjall for the history write
+//! pattern; see `docs/BENCHMARKS.md` for the figures behind the choice.
+
+mod dead_letters;
+mod history;
+mod latest;
+mod mem_log;
+
+pub use dead_letters::RedbDeadLetters;
+pub use history::RedbHistory;
+pub use latest::RedbLatest;
+pub use mem_log::MemLog;
+
+use crate::store::StoreError;
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StoreError> + Send + 'static) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| StoreError::Corrupt(format!("store task failed: {e}")))?
+}
