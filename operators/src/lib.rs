@@ -1,1 +1,25 @@
-//! x
+//! iotpipe's operators and its command line.
+//!
+//! Each operator is written once against the traits of `iotpipe-pipeline` and runs unchanged on the
+//! embedded backends (`iotpipe dev`) and on the distributed ones.
+//!
+//! # Layout
+//! - [`ingest`]: the MQTT source (topic template, QoS 1, manual acks after the log append).
+//! - [`materialize`]: merges records into latest state and emits change events.
+//! - [`history`]: writes every record to the history store.
+//! - [`rules`]: the hook where subscription rules run (the Rhai engine of step 3 plugs in here).
+//! - [`dead_letters`]: keeps the recent dead letters for the API.
+//! - [`fanout`]: the HTTP API, the WebSocket push hub, and the built-in dashboard.
+//! - [`dev`]: `iotpipe dev`, the whole pipeline in one process with an embedded MQTT broker.
+//! - [`config`]: the configuration file, its layering, validation and generated template.
+//! - [`cli`]: the `iotpipe` command line.
+
+pub mod cli;
+pub mod config;
+pub mod dead_letters;
+pub mod dev;
+pub mod fanout;
+pub mod history;
+pub mod ingest;
+pub mod materialize;
+pub mod rules;

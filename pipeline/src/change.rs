@@ -74,7 +74,10 @@ impl LatestState {
 
     /// The field values as a JSON object (what `snapshot` messages and `/latest` carry).
     pub fn values(&self) -> Map<String, Value> {
-        self.fields.iter().map(|(k, f)| (k.clone(), f.v.clone())).collect()
+        self.fields
+            .iter()
+            .map(|(k, f)| (k.clone(), f.v.clone()))
+            .collect()
     }
 }
 
@@ -160,7 +163,12 @@ pub fn merge(state: &mut LatestState, record: &Record) -> MergeOutcome {
                 touched = true;
                 state.fields.insert(
                     k.clone(),
-                    FieldState { v: v.clone(), ts: record.ts, rid: record.id.clone(), seq: next_seq },
+                    FieldState {
+                        v: v.clone(),
+                        ts: record.ts,
+                        rid: record.id.clone(),
+                        seq: next_seq,
+                    },
                 );
                 changes.insert(k.clone(), v.clone());
             }
@@ -195,7 +203,9 @@ mod tests {
     use serde_json::json;
 
     fn rec(ts: i64, metrics: Value) -> Record {
-        let Value::Object(metrics) = metrics else { unreachable!("test metrics are objects") };
+        let Value::Object(metrics) = metrics else {
+            unreachable!("test metrics are objects")
+        };
         let canonical = serde_json::to_vec(&metrics).unwrap_or_default();
         Record {
             id: RecordId::compute("d1", ts, &canonical),
@@ -211,9 +221,22 @@ mod tests {
     fn only_changed_fields_are_emitted() {
         let mut s = LatestState::new("d1");
         let c1 = merge(&mut s, &rec(10, json!({"t": 1, "h": 50})));
-        assert_eq!(c1.change().map(|c| (c.seq, c.changes.clone())), Some((1, json!({"t":1,"h":50}).as_object().cloned().unwrap_or_default())));
+        assert_eq!(
+            c1.change().map(|c| (c.seq, c.changes.clone())),
+            Some((
+                1,
+                json!({"t":1,"h":50})
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default()
+            ))
+        );
         let c2 = merge(&mut s, &rec(20, json!({"t": 2, "h": 50})));
-        assert_eq!(c2.change().map(|c| (c.seq, Value::Object(c.changes.clone()))), Some((2, json!({"t": 2}))));
+        assert_eq!(
+            c2.change()
+                .map(|c| (c.seq, Value::Object(c.changes.clone()))),
+            Some((2, json!({"t": 2})))
+        );
         let c3 = merge(&mut s, &rec(30, json!({"t": 2})));
         assert_eq!(c3, MergeOutcome::Unchanged);
         assert_eq!(s.seq, 2);
@@ -225,7 +248,10 @@ mod tests {
         merge(&mut s, &rec(20, json!({"t": 2})));
         let late = merge(&mut s, &rec(10, json!({"t": 1, "h": 40})));
         // `h` is new, so it is taken; `t` is older than what we have, so it is not.
-        assert_eq!(late.change().map(|c| Value::Object(c.changes.clone())), Some(json!({"h": 40})));
+        assert_eq!(
+            late.change().map(|c| Value::Object(c.changes.clone())),
+            Some(json!({"h": 40}))
+        );
         assert_eq!(Value::Object(s.values()), json!({"t": 2, "h": 40}));
         assert_eq!(s.ts, 20);
     }
@@ -234,8 +260,14 @@ mod tests {
     fn same_value_at_newer_ts_blocks_an_older_different_value() {
         let mut s = LatestState::new("d1");
         merge(&mut s, &rec(10, json!({"t": 5})));
-        assert_eq!(merge(&mut s, &rec(20, json!({"t": 5}))), MergeOutcome::Unchanged);
-        assert_eq!(merge(&mut s, &rec(15, json!({"t": 7}))), MergeOutcome::Unchanged);
+        assert_eq!(
+            merge(&mut s, &rec(20, json!({"t": 5}))),
+            MergeOutcome::Unchanged
+        );
+        assert_eq!(
+            merge(&mut s, &rec(15, json!({"t": 7}))),
+            MergeOutcome::Unchanged
+        );
         assert_eq!(Value::Object(s.values()), json!({"t": 5}));
     }
 
@@ -248,7 +280,12 @@ mod tests {
         merge(&mut s, &r2);
         let again = merge(&mut s, &r1);
         // r1's `t` was overwritten by r2 (seq 2), so only `h` is re-emitted, with seq 1.
-        assert_eq!(again.change().map(|c| (c.seq, Value::Object(c.changes.clone()))), Some((1, json!({"h": 1}))));
+        assert_eq!(
+            again
+                .change()
+                .map(|c| (c.seq, Value::Object(c.changes.clone()))),
+            Some((1, json!({"h": 1})))
+        );
         assert!(matches!(first, MergeOutcome::Changed(_)));
         assert!(matches!(again, MergeOutcome::Replayed(_)));
         assert_eq!(s.seq, 2);
@@ -256,12 +293,28 @@ mod tests {
 
     fn arb_records() -> impl Strategy<Value = Vec<Record>> {
         prop::collection::vec(
-            (0i64..50, prop::collection::btree_map(prop::sample::select(vec!["a", "b", "c", "d"]), 0i64..4, 1..4)),
+            (
+                0i64..50,
+                prop::collection::btree_map(
+                    prop::sample::select(vec!["a", "b", "c", "d"]),
+                    0i64..4,
+                    1..4,
+                ),
+            ),
             1..25,
         )
         .prop_map(|v| {
             v.into_iter()
-                .map(|(ts, m)| rec(ts, Value::Object(m.into_iter().map(|(k, v)| (k.to_owned(), json!(v))).collect())))
+                .map(|(ts, m)| {
+                    rec(
+                        ts,
+                        Value::Object(
+                            m.into_iter()
+                                .map(|(k, v)| (k.to_owned(), json!(v)))
+                                .collect(),
+                        ),
+                    )
+                })
                 .collect()
         })
     }

@@ -34,4 +34,4 @@ pub mod time;
 pub use change::{Change, FieldState, LatestState, MergeOutcome};
 pub use dead_letter::{DeadLetter, Stage};
 pub use error::{ErrorClass, Retryable};
-pub use record::{Limits, Record, RecordId, Rejection, RejectReason, SourceRef};
+pub use record::{Limits, Record, RecordId, RejectReason, Rejection, SourceRef};

@@ -72,7 +72,9 @@ impl Produce {
     pub fn json<T: serde::Serialize>(key: &str, value: &T) -> Result<Self, LogError> {
         Ok(Self {
             key: Bytes::copy_from_slice(key.as_bytes()),
-            value: Bytes::from(serde_json::to_vec(value).map_err(|e| LogError::Encode(e.to_string()))?),
+            value: Bytes::from(
+                serde_json::to_vec(value).map_err(|e| LogError::Encode(e.to_string()))?,
+            ),
         })
     }
 }

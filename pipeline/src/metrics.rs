@@ -5,8 +5,8 @@
 //! `ingest_received = ingest_appended + dead_letters{stage="ingest"}` once ingest is idle.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// All metrics.
@@ -60,41 +60,81 @@ impl Metrics {
         macro_rules! reg {
             ($m:expr) => {{
                 let m = $m.expect("metric definition is valid");
-                registry.register(Box::new(m.clone())).expect("metric registered once");
+                registry
+                    .register(Box::new(m.clone()))
+                    .expect("metric registered once");
                 m
             }};
         }
-        let latency_buckets = vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+        let latency_buckets = vec![
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ];
         Self {
-            ingest_received: reg!(IntCounter::new("iotpipe_ingest_received_total", "Messages ingest received from its source.")),
-            ingest_appended: reg!(IntCounter::new("iotpipe_ingest_appended_total", "Records ingest appended to the telemetry topic.")),
+            ingest_received: reg!(IntCounter::new(
+                "iotpipe_ingest_received_total",
+                "Messages ingest received from its source."
+            )),
+            ingest_appended: reg!(IntCounter::new(
+                "iotpipe_ingest_appended_total",
+                "Records ingest appended to the telemetry topic."
+            )),
             dead_letters: reg!(IntCounterVec::new(
-                Opts::new("iotpipe_dead_letters_total", "Messages refused, by stage and reason."),
+                Opts::new(
+                    "iotpipe_dead_letters_total",
+                    "Messages refused, by stage and reason."
+                ),
                 &["stage", "reason"]
             )),
-            materialized: reg!(IntCounter::new("iotpipe_materialize_records_total", "Records merged into latest state.")),
-            changes_emitted: reg!(IntCounter::new("iotpipe_changes_emitted_total", "Change events emitted by the materializer.")),
-            history_rows: reg!(IntCounter::new("iotpipe_history_rows_written_total", "History rows written.")),
+            materialized: reg!(IntCounter::new(
+                "iotpipe_materialize_records_total",
+                "Records merged into latest state."
+            )),
+            changes_emitted: reg!(IntCounter::new(
+                "iotpipe_changes_emitted_total",
+                "Change events emitted by the materializer."
+            )),
+            history_rows: reg!(IntCounter::new(
+                "iotpipe_history_rows_written_total",
+                "History rows written."
+            )),
             operator_records: reg!(IntCounterVec::new(
-                Opts::new("iotpipe_operator_records_total", "Log records processed and committed, by operator."),
+                Opts::new(
+                    "iotpipe_operator_records_total",
+                    "Log records processed and committed, by operator."
+                ),
                 &["operator"]
             )),
             operator_batch_seconds: reg!(HistogramVec::new(
-                HistogramOpts::new("iotpipe_operator_batch_duration_seconds", "Time to process one batch, by operator.")
-                    .buckets(latency_buckets.clone()),
+                HistogramOpts::new(
+                    "iotpipe_operator_batch_duration_seconds",
+                    "Time to process one batch, by operator."
+                )
+                .buckets(latency_buckets.clone()),
                 &["operator"]
             )),
             operator_errors: reg!(IntCounterVec::new(
-                Opts::new("iotpipe_operator_errors_total", "Operator errors, by operator and error type."),
+                Opts::new(
+                    "iotpipe_operator_errors_total",
+                    "Operator errors, by operator and error type."
+                ),
                 &["operator", "error_type"]
             )),
             operator_lag: reg!(IntGaugeVec::new(
-                Opts::new("iotpipe_operator_lag_records", "Records appended but not yet committed, by operator."),
+                Opts::new(
+                    "iotpipe_operator_lag_records",
+                    "Records appended but not yet committed, by operator."
+                ),
                 &["operator"]
             )),
-            ws_connections: reg!(IntGauge::new("iotpipe_ws_connections", "Open WebSocket connections.")),
+            ws_connections: reg!(IntGauge::new(
+                "iotpipe_ws_connections",
+                "Open WebSocket connections."
+            )),
             ws_messages: reg!(IntCounterVec::new(
-                Opts::new("iotpipe_ws_messages_sent_total", "Messages pushed to WebSocket clients, by type."),
+                Opts::new(
+                    "iotpipe_ws_messages_sent_total",
+                    "Messages pushed to WebSocket clients, by type."
+                ),
                 &["type"]
             )),
             ws_conflated: reg!(IntCounter::new(
@@ -102,16 +142,25 @@ impl Metrics {
                 "Updates merged into a pending update because a client's queue was full."
             )),
             push_latency: reg!(Histogram::with_opts(
-                HistogramOpts::new("iotpipe_push_latency_seconds", "From the device timestamp to the push to a WebSocket client.")
-                    .buckets(latency_buckets.clone())
+                HistogramOpts::new(
+                    "iotpipe_push_latency_seconds",
+                    "From the device timestamp to the push to a WebSocket client."
+                )
+                .buckets(latency_buckets.clone())
             )),
             http_requests: reg!(IntCounterVec::new(
-                Opts::new("iotpipe_http_requests_total", "HTTP requests, by route and status."),
+                Opts::new(
+                    "iotpipe_http_requests_total",
+                    "HTTP requests, by route and status."
+                ),
                 &["route", "status"]
             )),
             http_seconds: reg!(HistogramVec::new(
-                HistogramOpts::new("iotpipe_http_request_duration_seconds", "HTTP request duration, by route.")
-                    .buckets(latency_buckets),
+                HistogramOpts::new(
+                    "iotpipe_http_request_duration_seconds",
+                    "HTTP request duration, by route."
+                )
+                .buckets(latency_buckets),
                 &["route"]
             )),
             registry,
@@ -121,7 +170,10 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
-        if TextEncoder::new().encode(&self.registry.gather(), &mut buf).is_err() {
+        if TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .is_err()
+        {
             return String::new();
         }
         String::from_utf8(buf).unwrap_or_default()
@@ -142,9 +194,13 @@ mod tests {
     fn registers_and_renders() {
         let m = Metrics::new();
         m.ingest_received.inc();
-        m.dead_letters.with_label_values(&["ingest", "invalid_json"]).inc();
+        m.dead_letters
+            .with_label_values(&["ingest", "invalid_json"])
+            .inc();
         let text = m.render();
         assert!(text.contains("iotpipe_ingest_received_total 1"));
-        assert!(text.contains(r#"iotpipe_dead_letters_total{reason="invalid_json",stage="ingest"} 1"#));
+        assert!(
+            text.contains(r#"iotpipe_dead_letters_total{reason="invalid_json",stage="ingest"} 1"#)
+        );
     }
 }

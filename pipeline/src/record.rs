@@ -167,7 +167,10 @@ pub struct Rejection {
 impl Rejection {
     /// Builds a rejection.
     pub fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
-        Self { reason, detail: detail.into() }
+        Self {
+            reason,
+            detail: detail.into(),
+        }
     }
 }
 
@@ -182,7 +185,10 @@ pub fn validate_device_id(id: &str) -> Result<(), Rejection> {
             format!("device id must be 1-128 characters, got {}", id.len()),
         ));
     }
-    if let Some(c) = id.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-'))) {
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-')))
+    {
         return Err(Rejection::new(
             RejectReason::InvalidDeviceId,
             format!("device id contains {c:?}; allowed are A-Z a-z 0-9 _ . : -"),
@@ -208,7 +214,11 @@ pub fn parse_record(
     if payload.len() > limits.max_payload_bytes {
         return Err(Rejection::new(
             RejectReason::PayloadTooLarge,
-            format!("payload is {} bytes, limit is {}", payload.len(), limits.max_payload_bytes),
+            format!(
+                "payload is {} bytes, limit is {}",
+                payload.len(),
+                limits.max_payload_bytes
+            ),
         ));
     }
     // serde_json refuses NaN/Infinity literals and numbers out of f64 range, and stops at a
@@ -235,11 +245,17 @@ pub fn parse_record(
     if depth > limits.max_depth {
         return Err(Rejection::new(
             RejectReason::TooDeep,
-            format!("payload nests {depth} levels, limit is {}", limits.max_depth),
+            format!(
+                "payload nests {depth} levels, limit is {}",
+                limits.max_depth
+            ),
         ));
     }
     if let Some(path) = first_non_finite(&obj) {
-        return Err(Rejection::new(RejectReason::NonFiniteNumber, format!("`{path}` is not a finite number")));
+        return Err(Rejection::new(
+            RejectReason::NonFiniteNumber,
+            format!("`{path}` is not a finite number"),
+        ));
     }
     let ts = match obj.remove("ts") {
         None | Some(Value::Null) => now_ms,
@@ -250,18 +266,26 @@ pub fn parse_record(
     if ts > now_ms.saturating_add(future) {
         return Err(Rejection::new(
             RejectReason::TimestampInFuture,
-            format!("ts {} is {} ms ahead of the receive time", crate::time::to_rfc3339(ts), ts - now_ms),
+            format!(
+                "ts {} is {} ms ahead of the receive time",
+                crate::time::to_rfc3339(ts),
+                ts - now_ms
+            ),
         ));
     }
     if ts < now_ms.saturating_sub(past) {
         return Err(Rejection::new(
             RejectReason::TimestampTooOld,
-            format!("ts {} is older than max_past_age", crate::time::to_rfc3339(ts)),
+            format!(
+                "ts {} is older than max_past_age",
+                crate::time::to_rfc3339(ts)
+            ),
         ));
     }
     // serde_json's Map is a BTreeMap here (no `preserve_order`), so this serialization has sorted
     // keys: the canonical form the id is computed from, independent of the device's key order.
-    let canonical = serde_json::to_vec(&obj).map_err(|e| Rejection::new(RejectReason::InvalidJson, e.to_string()))?;
+    let canonical = serde_json::to_vec(&obj)
+        .map_err(|e| Rejection::new(RejectReason::InvalidJson, e.to_string()))?;
     Ok(Record {
         id: RecordId::compute(device, ts, &canonical),
         device: device.to_owned(),
@@ -280,21 +304,41 @@ fn parse_ts(v: &Value) -> Result<i64, Rejection> {
     match v {
         Value::Number(n) => {
             let Some(f) = n.as_f64() else {
-                return Err(Rejection::new(RejectReason::InvalidTimestamp, format!("ts {n} is not a number")));
+                return Err(Rejection::new(
+                    RejectReason::InvalidTimestamp,
+                    format!("ts {n} is not a number"),
+                ));
             };
-            let ms = if f.abs() < SECONDS_MS_BOUNDARY { f * 1000.0 } else { f };
+            let ms = if f.abs() < SECONDS_MS_BOUNDARY {
+                f * 1000.0
+            } else {
+                f
+            };
             if !ms.is_finite() || ms.abs() > 9.0e15 {
-                return Err(Rejection::new(RejectReason::InvalidTimestamp, format!("ts {n} is out of range")));
+                return Err(Rejection::new(
+                    RejectReason::InvalidTimestamp,
+                    format!("ts {n} is out of range"),
+                ));
             }
             #[allow(clippy::cast_possible_truncation)]
             Ok(ms.round() as i64)
         }
-        Value::String(s) => ::time::OffsetDateTime::parse(s, &::time::format_description::well_known::Rfc3339)
-            .map(|t| i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX))
-            .map_err(|e| Rejection::new(RejectReason::InvalidTimestamp, format!("ts {s:?} is not RFC 3339: {e}"))),
+        Value::String(s) => {
+            ::time::OffsetDateTime::parse(s, &::time::format_description::well_known::Rfc3339)
+                .map(|t| i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX))
+                .map_err(|e| {
+                    Rejection::new(
+                        RejectReason::InvalidTimestamp,
+                        format!("ts {s:?} is not RFC 3339: {e}"),
+                    )
+                })
+        }
         other => Err(Rejection::new(
             RejectReason::InvalidTimestamp,
-            format!("ts must be epoch seconds, epoch milliseconds or RFC 3339 text, got {}", json_kind(other)),
+            format!(
+                "ts must be epoch seconds, epoch milliseconds or RFC 3339 text, got {}",
+                json_kind(other)
+            ),
         )),
     }
 }
@@ -317,7 +361,11 @@ fn depth_of_map(m: &Map<String, Value>, here: usize) -> usize {
 fn depth_of(v: &Value, parent: usize) -> usize {
     match v {
         Value::Object(m) => depth_of_map(m, parent + 1),
-        Value::Array(a) => a.iter().map(|x| depth_of(x, parent + 1)).max().unwrap_or(parent + 1),
+        Value::Array(a) => a
+            .iter()
+            .map(|x| depth_of(x, parent + 1))
+            .max()
+            .unwrap_or(parent + 1),
         _ => parent,
     }
 }
@@ -358,7 +406,13 @@ mod tests {
     const NOW: i64 = 1_750_000_000_000;
 
     fn parse(device: &str, payload: &str) -> Result<Record, Rejection> {
-        parse_record(device, payload.as_bytes(), NOW, SourceRef::Internal, &Limits::default())
+        parse_record(
+            device,
+            payload.as_bytes(),
+            NOW,
+            SourceRef::Internal,
+            &Limits::default(),
+        )
     }
 
     fn reason(device: &str, payload: &str) -> RejectReason {
@@ -370,9 +424,18 @@ mod tests {
 
     #[test]
     fn timestamps_in_all_three_forms() {
-        assert_eq!(parse("d1", r#"{"ts":1750000000123,"t":1}"#).map(|r| r.ts), Ok(1_750_000_000_123));
-        assert_eq!(parse("d1", r#"{"ts":1750000000,"t":1}"#).map(|r| r.ts), Ok(1_750_000_000_000));
-        assert_eq!(parse("d1", r#"{"ts":1750000000.5,"t":1}"#).map(|r| r.ts), Ok(1_750_000_000_500));
+        assert_eq!(
+            parse("d1", r#"{"ts":1750000000123,"t":1}"#).map(|r| r.ts),
+            Ok(1_750_000_000_123)
+        );
+        assert_eq!(
+            parse("d1", r#"{"ts":1750000000,"t":1}"#).map(|r| r.ts),
+            Ok(1_750_000_000_000)
+        );
+        assert_eq!(
+            parse("d1", r#"{"ts":1750000000.5,"t":1}"#).map(|r| r.ts),
+            Ok(1_750_000_000_500)
+        );
         assert_eq!(
             parse("d1", r#"{"ts":"2025-06-15T15:06:40.123Z","t":1}"#).map(|r| r.ts),
             Ok(1_750_000_000_123)
@@ -383,7 +446,10 @@ mod tests {
     #[test]
     fn ts_is_not_a_metric() {
         let r = parse("d1", r#"{"ts":1750000000,"t":1}"#).map(|r| r.metrics);
-        assert_eq!(r.map(|m| m.keys().cloned().collect::<Vec<_>>()), Ok(vec!["t".to_owned()]));
+        assert_eq!(
+            r.map(|m| m.keys().cloned().collect::<Vec<_>>()),
+            Ok(vec!["t".to_owned()])
+        );
     }
 
     #[test]
@@ -403,15 +469,39 @@ mod tests {
         assert_eq!(reason("d1", "[1,2]"), RejectReason::NotAnObject);
         assert_eq!(reason("d1", r#""text""#), RejectReason::NotAnObject);
         assert_eq!(reason("d1", r#"{"t":NaN}"#), RejectReason::InvalidJson);
-        assert_eq!(reason("d1", r#"{"t":1e999}"#), RejectReason::NonFiniteNumber);
-        assert_eq!(reason("d1", r#"{"t":-Infinity}"#), RejectReason::InvalidJson);
-        assert_eq!(reason("bad id", r#"{"t":1}"#), RejectReason::InvalidDeviceId);
+        assert_eq!(
+            reason("d1", r#"{"t":1e999}"#),
+            RejectReason::NonFiniteNumber
+        );
+        assert_eq!(
+            reason("d1", r#"{"t":-Infinity}"#),
+            RejectReason::InvalidJson
+        );
+        assert_eq!(
+            reason("bad id", r#"{"t":1}"#),
+            RejectReason::InvalidDeviceId
+        );
         assert_eq!(reason("", r#"{"t":1}"#), RejectReason::InvalidDeviceId);
-        assert_eq!(reason(&"x".repeat(129), r#"{"t":1}"#), RejectReason::InvalidDeviceId);
-        assert_eq!(reason("d1", r#"{"ts":"tomorrow"}"#), RejectReason::InvalidTimestamp);
-        assert_eq!(reason("d1", r#"{"ts":true}"#), RejectReason::InvalidTimestamp);
-        assert_eq!(reason("d1", r#"{"ts":4102444800000}"#), RejectReason::TimestampInFuture);
-        assert_eq!(reason("d1", r#"{"ts":1000000000}"#), RejectReason::TimestampTooOld);
+        assert_eq!(
+            reason(&"x".repeat(129), r#"{"t":1}"#),
+            RejectReason::InvalidDeviceId
+        );
+        assert_eq!(
+            reason("d1", r#"{"ts":"tomorrow"}"#),
+            RejectReason::InvalidTimestamp
+        );
+        assert_eq!(
+            reason("d1", r#"{"ts":true}"#),
+            RejectReason::InvalidTimestamp
+        );
+        assert_eq!(
+            reason("d1", r#"{"ts":4102444800000}"#),
+            RejectReason::TimestampInFuture
+        );
+        assert_eq!(
+            reason("d1", r#"{"ts":1000000000}"#),
+            RejectReason::TimestampTooOld
+        );
         let big = format!(r#"{{"t":"{}"}}"#, "x".repeat(70_000));
         assert_eq!(reason("d1", &big), RejectReason::PayloadTooLarge);
         let deep17 = format!(r#"{{"a":{}1{}}}"#, "[".repeat(16), "]".repeat(16));
@@ -420,8 +510,17 @@ mod tests {
         assert!(parse("d1", &deep16).is_ok());
         let very_deep = format!(r#"{{"a":{}1{}}}"#, "[".repeat(5000), "]".repeat(5000));
         assert_eq!(
-            parse_record("d1", very_deep.as_bytes(), NOW, SourceRef::Internal, &Limits { max_payload_bytes: 1 << 20, ..Limits::default() })
-                .map_err(|e| e.reason),
+            parse_record(
+                "d1",
+                very_deep.as_bytes(),
+                NOW,
+                SourceRef::Internal,
+                &Limits {
+                    max_payload_bytes: 1 << 20,
+                    ..Limits::default()
+                }
+            )
+            .map_err(|e| e.reason),
             Err(RejectReason::TooDeep)
         );
         assert_eq!(reason("d1", "\u{0}\u{1}\u{ff}"), RejectReason::InvalidJson);

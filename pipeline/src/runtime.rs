@@ -45,12 +45,18 @@ pub struct OperatorError {
 impl OperatorError {
     /// An external fault: the batch is retried.
     pub fn external(message: impl Into<String>) -> Self {
-        Self { class: ErrorClass::External, message: message.into() }
+        Self {
+            class: ErrorClass::External,
+            message: message.into(),
+        }
     }
 
     /// A bug: the operator stops without committing.
     pub fn bug(message: impl Into<String>) -> Self {
-        Self { class: ErrorClass::Bug, message: message.into() }
+        Self {
+            class: ErrorClass::Bug,
+            message: message.into(),
+        }
     }
 }
 
@@ -67,13 +73,19 @@ impl From<StoreError> for OperatorError {
             ErrorClass::External => ErrorClass::External,
             ErrorClass::Input | ErrorClass::Bug => ErrorClass::Bug,
         };
-        Self { class, message: e.to_string() }
+        Self {
+            class,
+            message: e.to_string(),
+        }
     }
 }
 
 impl From<LogError> for OperatorError {
     fn from(e: LogError) -> Self {
-        Self { class: e.class(), message: e.to_string() }
+        Self {
+            class: e.class(),
+            message: e.to_string(),
+        }
     }
 }
 
@@ -155,14 +167,20 @@ pub struct Backoff {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Self { initial: Duration::from_millis(50), max: Duration::from_secs(5) }
+        Self {
+            initial: Duration::from_millis(50),
+            max: Duration::from_secs(5),
+        }
     }
 }
 
 impl Backoff {
     /// The delay before retry number `attempt` (0-based).
     pub fn delay(&self, attempt: u32) -> Duration {
-        let ceiling = self.initial.saturating_mul(1u32 << attempt.min(16)).min(self.max);
+        let ceiling = self
+            .initial
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.max);
         let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
         if nanos == 0 {
             return Duration::ZERO;
@@ -213,7 +231,11 @@ pub async fn run_operator<O: Operator + ?Sized>(
             draining = true;
             debug!(operator = name, "Draining input.");
         }
-        let wait = if draining { Duration::from_millis(20) } else { cfg.poll_wait };
+        let wait = if draining {
+            Duration::from_millis(20)
+        } else {
+            cfg.poll_wait
+        };
         let polled = tokio::select! {
             biased;
             () = shutdown.cancelled(), if !draining => continue,
@@ -223,7 +245,10 @@ pub async fn run_operator<O: Operator + ?Sized>(
             Ok(b) => b,
             Err(e) => {
                 let err = OperatorError::from(e);
-                metrics.operator_errors.with_label_values(&[name, err.class.as_str()]).inc();
+                metrics
+                    .operator_errors
+                    .with_label_values(&[name, err.class.as_str()])
+                    .inc();
                 if err.class != ErrorClass::External {
                     error!(operator = name, error = %err, "Log failed; stopping operator.");
                     return Err(err);
@@ -252,7 +277,10 @@ pub async fn run_operator<O: Operator + ?Sized>(
             if last_tick.elapsed() >= tick {
                 last_tick = Instant::now();
                 if let Err(e) = op.on_tick().await {
-                    metrics.operator_errors.with_label_values(&[name, e.class.as_str()]).inc();
+                    metrics
+                        .operator_errors
+                        .with_label_values(&[name, e.class.as_str()])
+                        .inc();
                     warn!(operator = name, error = %e, "Tick failed.");
                 }
             }
@@ -276,7 +304,10 @@ async fn process_with_retry<O: Operator + ?Sized>(
         match op.process(batch).await {
             Ok(()) => return Ok(()),
             Err(e) => {
-                metrics.operator_errors.with_label_values(&[name, e.class.as_str()]).inc();
+                metrics
+                    .operator_errors
+                    .with_label_values(&[name, e.class.as_str()])
+                    .inc();
                 if e.class != ErrorClass::External {
                     error!(operator = name, error = %e, "Operator failed; stopping without commit.");
                     return Err(e);
@@ -306,7 +337,10 @@ async fn commit_with_retry(
         match consumer.commit(offsets).await {
             Ok(()) => return Ok(()),
             Err(e) if e.class() == ErrorClass::External => {
-                metrics.operator_errors.with_label_values(&[name, "external"]).inc();
+                metrics
+                    .operator_errors
+                    .with_label_values(&[name, "external"])
+                    .inc();
                 warn!(operator = name, error = %e, "Commit failed; retrying.");
                 tokio::time::sleep(cfg.backoff.delay(attempt)).await;
             }
@@ -342,7 +376,11 @@ pub struct IngestRunConfig {
 
 impl Default for IngestRunConfig {
     fn default() -> Self {
-        Self { max_batch: 1000, drain_idle: Duration::from_millis(300), backoff: Backoff::default() }
+        Self {
+            max_batch: 1000,
+            drain_idle: Duration::from_millis(300),
+            backoff: Backoff::default(),
+        }
     }
 }
 
@@ -393,7 +431,10 @@ pub async fn run_ingest(
         let (records, letters) = validate_batch(&buf, limits);
         let n_records = records.len();
         for dl in &letters {
-            metrics.dead_letters.with_label_values(&[Stage::Ingest.as_str(), dl.reason.as_str()]).inc();
+            metrics
+                .dead_letters
+                .with_label_values(&[Stage::Ingest.as_str(), dl.reason.as_str()])
+                .inc();
         }
         let letters: Vec<Produce> = letters
             .iter()
@@ -423,7 +464,12 @@ pub fn validate_batch(batch: &[Incoming], limits: &Limits) -> (Vec<Produce>, Vec
             .map_err(Clone::clone)
             .and_then(|d| parse_record(d, &m.payload, m.received_at, m.source.clone(), limits));
         match parsed.and_then(|r| {
-            Produce::json(&r.device, &r).map_err(|e| crate::record::Rejection::new(crate::record::RejectReason::InvalidJson, e.to_string()))
+            Produce::json(&r.device, &r).map_err(|e| {
+                crate::record::Rejection::new(
+                    crate::record::RejectReason::InvalidJson,
+                    e.to_string(),
+                )
+            })
         }) {
             Ok(p) => records.push(p),
             Err(rej) => {
@@ -446,7 +492,12 @@ pub fn validate_batch(batch: &[Incoming], limits: &Limits) -> (Vec<Produce>, Vec
 ///
 /// # Errors
 /// A bug-class [`LogError`] (unknown topic, closed log).
-pub async fn append_with_retry(log: &dyn Log, topic: &str, batch: Vec<Produce>, backoff: Backoff) -> Result<(), OperatorError> {
+pub async fn append_with_retry(
+    log: &dyn Log,
+    topic: &str,
+    batch: Vec<Produce>,
+    backoff: Backoff,
+) -> Result<(), OperatorError> {
     if batch.is_empty() {
         return Ok(());
     }
@@ -470,7 +521,10 @@ mod tests {
 
     #[test]
     fn backoff_is_bounded_and_jittered() {
-        let b = Backoff { initial: Duration::from_millis(10), max: Duration::from_millis(100) };
+        let b = Backoff {
+            initial: Duration::from_millis(10),
+            max: Duration::from_millis(100),
+        };
         for attempt in 0..40 {
             assert!(b.delay(attempt) <= Duration::from_millis(100));
         }
@@ -480,7 +534,12 @@ mod tests {
 
     #[test]
     fn next_offsets_per_partition() {
-        let r = |partition, offset| LogRecord { partition, offset, key: bytes::Bytes::new(), value: bytes::Bytes::new() };
+        let r = |partition, offset| LogRecord {
+            partition,
+            offset,
+            key: bytes::Bytes::new(),
+            value: bytes::Bytes::new(),
+        };
         let mut got = next_offsets(&[r(0, 5), r(1, 2), r(0, 6), r(1, 3)]);
         got.sort_unstable();
         assert_eq!(got, vec![(0, 7), (1, 4)]);

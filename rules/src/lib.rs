@@ -1,1 +1,52 @@
-//! x
+//! Subscription rules: the interface between the rules operator and a rule engine.
+//!
+//! The rules operator (in `iotpipe-operators`) calls an [`Evaluator`] on every telemetry record and
+//! appends the [`Alert`]s it returns to the alerts topic. Step 3 of the roadmap implements
+//! `Evaluator` with sandboxed, user-written Rhai scripts (limits, compile cache, alarm lifecycle,
+//! golden-file tests); until then [`NoRules`] is the evaluator and the rules operator is off by
+//! default.
+//!
+//! # Layout
+//! - [`Evaluator`]: evaluate one record, return alerts.
+//! - [`Alert`]: what an evaluation raises; the payload of the alerts topic.
+//! - [`NoRules`]: the evaluator with no rules.
+
+use async_trait::async_trait;
+use iotpipe_pipeline::record::{Record, RecordId};
+use serde::{Deserialize, Serialize};
+
+/// An alert raised by a rule for a device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alert {
+    /// Id of the rule that raised it.
+    pub rule: String,
+    /// Device id.
+    pub device: String,
+    /// Device ts of the record that raised it.
+    pub ts: i64,
+    /// Severity chosen by the rule (`info`, `warning`, `critical`, ...).
+    pub severity: String,
+    /// Text for people.
+    pub text: String,
+    /// The record that raised it.
+    pub record_id: RecordId,
+}
+
+/// Evaluates rules on records.
+#[async_trait]
+pub trait Evaluator: Send + Sync + 'static {
+    /// Runs every rule that applies to `record`'s device; returns the alerts raised. Must not fail
+    /// for the whole record because one rule failed: failures are the engine's to count and report.
+    async fn evaluate(&self, record: &Record) -> Vec<Alert>;
+}
+
+/// The evaluator with no rules: raises nothing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoRules;
+
+#[async_trait]
+impl Evaluator for NoRules {
+    async fn evaluate(&self, _record: &Record) -> Vec<Alert> {
+        Vec::new()
+    }
+}

@@ -35,7 +35,11 @@ impl RedbDeadLetters {
             last.map_or(0, |k| k + 1)
         };
         tx.commit().map_err(unavailable)?;
-        Ok(Self { db: Arc::new(db), next: Arc::new(AtomicU64::new(next)), keep: keep.max(1) })
+        Ok(Self {
+            db: Arc::new(db),
+            next: Arc::new(AtomicU64::new(next)),
+            keep: keep.max(1),
+        })
     }
 }
 
@@ -75,7 +79,10 @@ impl DeadLetterStore for RedbDeadLetters {
             let mut out = Vec::new();
             for row in t.iter().map_err(unavailable)?.rev().take(limit) {
                 let (_, v) = row.map_err(unavailable)?;
-                out.push(serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+                out.push(
+                    serde_json::from_slice(v.value())
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                );
             }
             Ok(out)
         })
@@ -94,15 +101,32 @@ mod tests {
         let dir = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
         let path = dir.path().join("dl.redb");
         let mk = |i: usize| {
-            DeadLetter::from_rejection(Stage::Ingest, &Rejection::new(RejectReason::InvalidJson, format!("n{i}")), None, SourceRef::Internal, b"x", 0)
+            DeadLetter::from_rejection(
+                Stage::Ingest,
+                &Rejection::new(RejectReason::InvalidJson, format!("n{i}")),
+                None,
+                SourceRef::Internal,
+                b"x",
+                0,
+            )
         };
         {
             let s = RedbDeadLetters::open(&path, 5).unwrap_or_else(|e| unreachable!("{e}"));
-            s.push(&(0..4).map(mk).collect::<Vec<_>>()).await.unwrap_or_else(|e| unreachable!("{e}"));
+            s.push(&(0..4).map(mk).collect::<Vec<_>>())
+                .await
+                .unwrap_or_else(|e| unreachable!("{e}"));
         }
         let s = RedbDeadLetters::open(&path, 5).unwrap_or_else(|e| unreachable!("{e}"));
-        s.push(&(4..8).map(mk).collect::<Vec<_>>()).await.unwrap_or_else(|e| unreachable!("{e}"));
-        let got: Vec<String> = s.recent(100).await.unwrap_or_default().into_iter().map(|d| d.detail).collect();
+        s.push(&(4..8).map(mk).collect::<Vec<_>>())
+            .await
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        let got: Vec<String> = s
+            .recent(100)
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|d| d.detail)
+            .collect();
         assert_eq!(got, vec!["n7", "n6", "n5", "n4", "n3"]);
     }
 }

@@ -97,8 +97,14 @@ impl HistoryStore for RedbHistory {
             hi_key.push(0xff);
             let (lo, hi): (Bound<Vec<u8>>, Bound<Vec<u8>>) = match (&cursor, q.order) {
                 (None, _) => (Bound::Included(lo_key), Bound::Included(hi_key)),
-                (Some((ts, id)), Order::Asc) => (Bound::Excluded(key(&q.device, *ts, id)), Bound::Included(hi_key)),
-                (Some((ts, id)), Order::Desc) => (Bound::Included(lo_key), Bound::Excluded(key(&q.device, *ts, id))),
+                (Some((ts, id)), Order::Asc) => (
+                    Bound::Excluded(key(&q.device, *ts, id)),
+                    Bound::Included(hi_key),
+                ),
+                (Some((ts, id)), Order::Desc) => (
+                    Bound::Included(lo_key),
+                    Bound::Excluded(key(&q.device, *ts, id)),
+                ),
             };
             let rtx = db.begin_read().map_err(unavailable)?;
             let t = rtx.open_table(TABLE).map_err(unavailable)?;
@@ -108,7 +114,11 @@ impl HistoryStore for RedbHistory {
             let limit = q.limit.max(1);
             let mut items = Vec::with_capacity(limit.min(1024));
             let prefix_len = q.device.len() + 1;
-            let mut push = |row: Result<(redb::AccessGuard<'_, &[u8]>, redb::AccessGuard<'_, &[u8]>), redb::StorageError>| -> Result<(), StoreError> {
+            let mut push = |row: Result<
+                (redb::AccessGuard<'_, &[u8]>, redb::AccessGuard<'_, &[u8]>),
+                redb::StorageError,
+            >|
+             -> Result<(), StoreError> {
                 let (k, v) = row.map_err(unavailable)?;
                 let k = k.value();
                 if k.len() < prefix_len + 8 {
@@ -116,8 +126,13 @@ impl HistoryStore for RedbHistory {
                 }
                 let ts = ts_from(&k[prefix_len..]);
                 let id = String::from_utf8_lossy(&k[prefix_len + 8..]).into_owned();
-                let metrics = serde_json::from_slice(v.value()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                items.push(HistoryItem { ts, id: RecordId(id), metrics });
+                let metrics = serde_json::from_slice(v.value())
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                items.push(HistoryItem {
+                    ts,
+                    id: RecordId(id),
+                    metrics,
+                });
                 Ok(())
             };
             // Read one more than asked to learn whether another page exists.
@@ -161,31 +176,54 @@ mod tests {
     const NOW: i64 = 1_750_000_000_000;
 
     fn rec(device: &str, ts: i64, n: i64) -> Record {
-        parse_record(device, format!(r#"{{"ts":{ts},"n":{n}}}"#).as_bytes(), NOW, SourceRef::Internal, &Limits::default())
-            .unwrap_or_else(|e| unreachable!("{e}"))
+        parse_record(
+            device,
+            format!(r#"{{"ts":{ts},"n":{n}}}"#).as_bytes(),
+            NOW,
+            SourceRef::Internal,
+            &Limits::default(),
+        )
+        .unwrap_or_else(|e| unreachable!("{e}"))
     }
 
     fn q(order: Order, limit: usize, cursor: Option<String>) -> HistoryQuery {
-        HistoryQuery { device: "d1".into(), from: NOW - 1000, to: NOW, limit, order, cursor }
+        HistoryQuery {
+            device: "d1".into(),
+            from: NOW - 1000,
+            to: NOW,
+            limit,
+            order,
+            cursor,
+        }
     }
 
     #[tokio::test]
     async fn idempotent_writes_ranges_and_paging() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| unreachable!("{e}"));
-        let h = RedbHistory::open(&dir.path().join("h.redb")).unwrap_or_else(|e| unreachable!("{e}"));
+        let h =
+            RedbHistory::open(&dir.path().join("h.redb")).unwrap_or_else(|e| unreachable!("{e}"));
         let recs: Vec<Record> = (0..10).map(|i| rec("d1", NOW - 900 + i * 100, i)).collect();
         h.write(&recs).await.unwrap_or_else(|e| unreachable!("{e}"));
         // Replaying the same records overwrites, never duplicates.
         h.write(&recs).await.unwrap_or_else(|e| unreachable!("{e}"));
         // Another device with a prefix of the name must not leak in.
-        h.write(&[rec("d10", NOW - 500, 99), rec("d", NOW - 500, 98)]).await.unwrap_or_else(|e| unreachable!("{e}"));
+        h.write(&[rec("d10", NOW - 500, 99), rec("d", NOW - 500, 98)])
+            .await
+            .unwrap_or_else(|e| unreachable!("{e}"));
         for order in [Order::Asc, Order::Desc] {
             let mut all = Vec::new();
             let mut cursor = None;
             loop {
-                let page = h.query(&q(order, 3, cursor.clone())).await.unwrap_or_else(|e| unreachable!("{e}"));
+                let page = h
+                    .query(&q(order, 3, cursor.clone()))
+                    .await
+                    .unwrap_or_else(|e| unreachable!("{e}"));
                 assert!(page.items.len() <= 3);
-                all.extend(page.items.iter().map(|i| i.metrics["n"].as_i64().unwrap_or(-1)));
+                all.extend(
+                    page.items
+                        .iter()
+                        .map(|i| i.metrics["n"].as_i64().unwrap_or(-1)),
+                );
                 match page.next_cursor {
                     Some(c) => cursor = Some(c),
                     None => break,
@@ -201,9 +239,16 @@ mod tests {
         let mut narrow = q(Order::Asc, 100, None);
         narrow.from = NOW - 800;
         narrow.to = NOW - 600;
-        let got: Vec<i64> = h.query(&narrow).await.map(|p| p.items.iter().map(|i| i.ts).collect()).unwrap_or_default();
+        let got: Vec<i64> = h
+            .query(&narrow)
+            .await
+            .map(|p| p.items.iter().map(|i| i.ts).collect())
+            .unwrap_or_default();
         assert_eq!(got, vec![NOW - 800, NOW - 700, NOW - 600]);
-        assert!(matches!(h.query(&q(Order::Asc, 3, Some("garbage".into()))).await, Err(StoreError::InvalidQuery(_))));
+        assert!(matches!(
+            h.query(&q(Order::Asc, 3, Some("garbage".into()))).await,
+            Err(StoreError::InvalidQuery(_))
+        ));
     }
 
     #[test]

@@ -42,12 +42,16 @@ impl RedbLatest {
             let t = rtx.open_table(TABLE).map_err(unavailable)?;
             for row in t.iter().map_err(unavailable)? {
                 let (k, v) = row.map_err(unavailable)?;
-                let state: LatestState = serde_json::from_slice(v.value())
-                    .map_err(|e| StoreError::Corrupt(format!("latest state of {}: {e}", k.value())))?;
+                let state: LatestState = serde_json::from_slice(v.value()).map_err(|e| {
+                    StoreError::Corrupt(format!("latest state of {}: {e}", k.value()))
+                })?;
                 cache.insert(k.value().to_owned(), Arc::new(state));
             }
         }
-        Ok(Self { db: Arc::new(db), cache: RwLock::new(cache) })
+        Ok(Self {
+            db: Arc::new(db),
+            cache: RwLock::new(cache),
+        })
     }
 }
 
@@ -60,7 +64,9 @@ impl LatestStore for RedbLatest {
             let cache = self.cache.read();
             for r in records {
                 let state = touched.entry(r.device.clone()).or_insert_with(|| {
-                    cache.get(&r.device).map_or_else(|| LatestState::new(&r.device), |s| (**s).clone())
+                    cache
+                        .get(&r.device)
+                        .map_or_else(|| LatestState::new(&r.device), |s| (**s).clone())
                 });
                 outcomes.push(merge(state, r));
             }
@@ -98,9 +104,18 @@ impl LatestStore for RedbLatest {
             .cache
             .read()
             .values()
-            .map(|s| DeviceSummary { device: s.device.clone(), last_seen: s.last_seen, ts: s.ts, seq: s.seq })
+            .map(|s| DeviceSummary {
+                device: s.device.clone(),
+                last_seen: s.last_seen,
+                ts: s.ts,
+                seq: s.seq,
+            })
             .collect();
-        all.sort_by(|a, b| b.last_seen.cmp(&a.last_seen).then_with(|| a.device.cmp(&b.device)));
+        all.sort_by(|a, b| {
+            b.last_seen
+                .cmp(&a.last_seen)
+                .then_with(|| a.device.cmp(&b.device))
+        });
         all.truncate(limit);
         Ok(all)
     }
@@ -112,8 +127,14 @@ mod tests {
     use crate::record::{parse_record, Limits, SourceRef};
 
     fn rec(device: &str, ts: i64, payload: &str) -> Record {
-        parse_record(device, payload.replace("TS", &ts.to_string()).as_bytes(), ts, SourceRef::Internal, &Limits::default())
-            .unwrap_or_else(|e| unreachable!("{e}"))
+        parse_record(
+            device,
+            payload.replace("TS", &ts.to_string()).as_bytes(),
+            ts,
+            SourceRef::Internal,
+            &Limits::default(),
+        )
+        .unwrap_or_else(|e| unreachable!("{e}"))
     }
 
     #[tokio::test]
@@ -124,18 +145,30 @@ mod tests {
         {
             let s = RedbLatest::open(&path).unwrap_or_else(|e| unreachable!("{e}"));
             let out = s
-                .merge(&[rec("d1", now, r#"{"ts":TS,"t":1}"#), rec("d1", now + 1, r#"{"ts":TS,"t":2,"h":3}"#), rec("d2", now, r#"{"ts":TS,"x":1}"#)])
+                .merge(&[
+                    rec("d1", now, r#"{"ts":TS,"t":1}"#),
+                    rec("d1", now + 1, r#"{"ts":TS,"t":2,"h":3}"#),
+                    rec("d2", now, r#"{"ts":TS,"x":1}"#),
+                ])
                 .await
                 .unwrap_or_default();
             let seqs: Vec<Option<u64>> = out.iter().map(|o| o.change().map(|c| c.seq)).collect();
             assert_eq!(seqs, vec![Some(1), Some(2), Some(1)]);
         }
         let s = RedbLatest::open(&path).unwrap_or_else(|e| unreachable!("{e}"));
-        let d1 = s.get("d1").await.ok().flatten().map(|s| (s.seq, serde_json::Value::Object(s.values())));
+        let d1 = s
+            .get("d1")
+            .await
+            .ok()
+            .flatten()
+            .map(|s| (s.seq, serde_json::Value::Object(s.values())));
         assert_eq!(d1, Some((2, serde_json::json!({"t": 2, "h": 3}))));
         assert_eq!(s.devices(10).await.map(|d| d.len()).unwrap_or(0), 2);
         // The next change continues the stored seq.
-        let out = s.merge(&[rec("d1", now + 2, r#"{"ts":TS,"t":9}"#)]).await.unwrap_or_default();
+        let out = s
+            .merge(&[rec("d1", now + 2, r#"{"ts":TS,"t":9}"#)])
+            .await
+            .unwrap_or_default();
         assert_eq!(out.first().and_then(|o| o.change()).map(|c| c.seq), Some(3));
     }
 }

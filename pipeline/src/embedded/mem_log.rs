@@ -63,7 +63,11 @@ impl Part {
 impl MemLog {
     /// A log whose topics have `partitions` partitions of at most `capacity` uncommitted records.
     pub fn new(partitions: u32, capacity: usize) -> Self {
-        Self { topics: RwLock::new(HashMap::new()), partitions: partitions.max(1), capacity: capacity.max(1) }
+        Self {
+            topics: RwLock::new(HashMap::new()),
+            partitions: partitions.max(1),
+            capacity: capacity.max(1),
+        }
     }
 
     /// Creates a topic (idempotent).
@@ -72,7 +76,13 @@ impl MemLog {
         topics.entry(name.to_owned()).or_insert_with(|| {
             Arc::new(Topic {
                 parts: (0..self.partitions)
-                    .map(|_| Mutex::new(Part { base: 0, records: VecDeque::new(), groups: HashMap::new() }))
+                    .map(|_| {
+                        Mutex::new(Part {
+                            base: 0,
+                            records: VecDeque::new(),
+                            groups: HashMap::new(),
+                        })
+                    })
                     .collect(),
                 appended: Notify::new(),
                 space: Notify::new(),
@@ -81,7 +91,11 @@ impl MemLog {
     }
 
     fn topic(&self, name: &str) -> Result<Arc<Topic>, LogError> {
-        self.topics.read().get(name).cloned().ok_or_else(|| LogError::UnknownTopic(name.to_owned()))
+        self.topics
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| LogError::UnknownTopic(name.to_owned()))
     }
 
     /// Records in `topic` not yet committed by `group`.
@@ -139,7 +153,12 @@ impl Log for MemLog {
                 *p.groups.entry(group.to_owned()).or_insert(base)
             })
             .collect();
-        Ok(Box::new(MemConsumer { topic: t, group: group.to_owned(), positions, next_part: 0 }))
+        Ok(Box::new(MemConsumer {
+            topic: t,
+            group: group.to_owned(),
+            positions,
+            next_part: 0,
+        }))
     }
 }
 
@@ -163,7 +182,13 @@ impl MemConsumer {
             let part = self.topic.parts[pi].lock();
             let pos = self.positions[pi].max(part.base);
             let start = usize::try_from(pos - part.base).unwrap_or(usize::MAX);
-            for (j, (k, v)) in part.records.iter().enumerate().skip(start).take(max - out.len()) {
+            for (j, (k, v)) in part
+                .records
+                .iter()
+                .enumerate()
+                .skip(start)
+                .take(max - out.len())
+            {
                 out.push(LogRecord {
                     partition: u32::try_from(pi).unwrap_or(0),
                     offset: part.base + j as u64,
@@ -171,7 +196,12 @@ impl MemConsumer {
                     value: v.clone(),
                 });
             }
-            self.positions[pi] = out.iter().filter(|r| r.partition as usize == pi).map(|r| r.offset + 1).max().unwrap_or(pos);
+            self.positions[pi] = out
+                .iter()
+                .filter(|r| r.partition as usize == pi)
+                .map(|r| r.offset + 1)
+                .max()
+                .unwrap_or(pos);
         }
         // Start with the next partition next time, so one busy partition cannot starve the others.
         self.next_part = (self.next_part + 1) % n;
@@ -197,7 +227,9 @@ impl Consumer for MemConsumer {
 
     async fn commit(&mut self, offsets: &[(u32, u64)]) -> Result<(), LogError> {
         for &(p, next) in offsets {
-            let Some(part) = self.topic.parts.get(p as usize) else { continue };
+            let Some(part) = self.topic.parts.get(p as usize) else {
+                continue;
+            };
             let mut part = part.lock();
             let committed = part.groups.entry(self.group.clone()).or_insert(0);
             *committed = (*committed).max(next);
@@ -213,7 +245,12 @@ impl Consumer for MemConsumer {
                 .iter()
                 .map(|p| {
                     let p = p.lock();
-                    p.end() - p.groups.get(&self.group).copied().unwrap_or(p.base).max(p.base)
+                    p.end()
+                        - p.groups
+                            .get(&self.group)
+                            .copied()
+                            .unwrap_or(p.base)
+                            .max(p.base)
                 })
                 .sum(),
         )
@@ -225,17 +262,36 @@ mod tests {
     use super::*;
 
     fn produce(key: &str, v: u32) -> Produce {
-        Produce { key: Bytes::copy_from_slice(key.as_bytes()), value: Bytes::from(v.to_string()) }
+        Produce {
+            key: Bytes::copy_from_slice(key.as_bytes()),
+            value: Bytes::from(v.to_string()),
+        }
     }
 
     #[tokio::test]
     async fn keyed_order_groups_and_commit() {
         let log = MemLog::new(4, 1000);
         log.create_topic("t");
-        let mut a = log.subscribe("t", "a").await.unwrap_or_else(|e| unreachable!("{e}"));
-        let mut b = log.subscribe("t", "b").await.unwrap_or_else(|e| unreachable!("{e}"));
-        log.append("t", (0..100).map(|i| produce(&format!("d{}", i % 7), i)).collect()).await.unwrap_or_else(|e| unreachable!("{e}"));
-        let got = a.poll(1000, Duration::from_millis(10)).await.unwrap_or_default();
+        let mut a = log
+            .subscribe("t", "a")
+            .await
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        let mut b = log
+            .subscribe("t", "b")
+            .await
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        log.append(
+            "t",
+            (0..100)
+                .map(|i| produce(&format!("d{}", i % 7), i))
+                .collect(),
+        )
+        .await
+        .unwrap_or_else(|e| unreachable!("{e}"));
+        let got = a
+            .poll(1000, Duration::from_millis(10))
+            .await
+            .unwrap_or_default();
         assert_eq!(got.len(), 100);
         // Per key, values arrive in append order.
         for k in 0..7 {
@@ -247,26 +303,51 @@ mod tests {
             assert!(vals.windows(2).all(|w| w[0] < w[1]), "{vals:?}");
         }
         // Group b is independent of a.
-        assert_eq!(b.poll(1000, Duration::ZERO).await.map(|v| v.len()).unwrap_or(0), 100);
+        assert_eq!(
+            b.poll(1000, Duration::ZERO)
+                .await
+                .map(|v| v.len())
+                .unwrap_or(0),
+            100
+        );
         assert_eq!(a.lag(), Some(100));
-        a.commit(&crate::runtime::next_offsets(&got)).await.unwrap_or_else(|e| unreachable!("{e}"));
+        a.commit(&crate::runtime::next_offsets(&got))
+            .await
+            .unwrap_or_else(|e| unreachable!("{e}"));
         assert_eq!(a.lag(), Some(0));
         // A new member of group a resumes after the commit: nothing to read.
-        let mut a2 = log.subscribe("t", "a").await.unwrap_or_else(|e| unreachable!("{e}"));
-        assert!(a2.poll(10, Duration::ZERO).await.unwrap_or_default().is_empty());
+        let mut a2 = log
+            .subscribe("t", "a")
+            .await
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        assert!(a2
+            .poll(10, Duration::ZERO)
+            .await
+            .unwrap_or_default()
+            .is_empty());
     }
 
     #[tokio::test]
     async fn uncommitted_records_are_redelivered_to_a_new_member() {
         let log = MemLog::new(1, 1000);
         log.create_topic("t");
-        let mut a = log.subscribe("t", "g").await.unwrap_or_else(|e| unreachable!("{e}"));
-        log.append("t", (0..10).map(|i| produce("k", i)).collect()).await.unwrap_or_else(|e| unreachable!("{e}"));
+        let mut a = log
+            .subscribe("t", "g")
+            .await
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        log.append("t", (0..10).map(|i| produce("k", i)).collect())
+            .await
+            .unwrap_or_else(|e| unreachable!("{e}"));
         let got = a.poll(4, Duration::ZERO).await.unwrap_or_default();
-        a.commit(&crate::runtime::next_offsets(&got)).await.unwrap_or_else(|e| unreachable!("{e}"));
+        a.commit(&crate::runtime::next_offsets(&got))
+            .await
+            .unwrap_or_else(|e| unreachable!("{e}"));
         let _not_committed = a.poll(4, Duration::ZERO).await.unwrap_or_default();
         drop(a);
-        let mut b = log.subscribe("t", "g").await.unwrap_or_else(|e| unreachable!("{e}"));
+        let mut b = log
+            .subscribe("t", "g")
+            .await
+            .unwrap_or_else(|e| unreachable!("{e}"));
         let again = b.poll(100, Duration::ZERO).await.unwrap_or_default();
         assert_eq!(again.first().map(|r| r.offset), Some(4));
         assert_eq!(again.len(), 6);
@@ -276,15 +357,23 @@ mod tests {
     async fn append_waits_for_room_and_poll_wakes_on_append() {
         let log = Arc::new(MemLog::new(1, 5));
         log.create_topic("t");
-        let mut c = log.subscribe("t", "g").await.unwrap_or_else(|e| unreachable!("{e}"));
+        let mut c = log
+            .subscribe("t", "g")
+            .await
+            .unwrap_or_else(|e| unreachable!("{e}"));
         let l2 = Arc::clone(&log);
-        let producer = tokio::spawn(async move { l2.append("t", (0..20).map(|i| produce("k", i)).collect()).await });
+        let producer = tokio::spawn(async move {
+            l2.append("t", (0..20).map(|i| produce("k", i)).collect())
+                .await
+        });
         let mut seen = 0;
         while seen < 20 {
             let got = c.poll(3, Duration::from_secs(5)).await.unwrap_or_default();
             assert!(!got.is_empty(), "poll should wake on append");
             seen += got.len();
-            c.commit(&crate::runtime::next_offsets(&got)).await.unwrap_or_else(|e| unreachable!("{e}"));
+            c.commit(&crate::runtime::next_offsets(&got))
+                .await
+                .unwrap_or_else(|e| unreachable!("{e}"));
         }
         assert!(producer.await.is_ok());
         assert_eq!(c.lag(), Some(0));

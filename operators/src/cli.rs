@@ -1,0 +1,200 @@
+//! The `iotpipe` command line: parses arguments, sets up logging and signals, runs a command.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{Config, TEMPLATE};
+
+/// iotpipe: event-driven stream processing for IoT telemetry.
+#[derive(Debug, Parser)]
+#[command(name = "iotpipe", version, about)]
+struct Cli {
+    /// Log output format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    /// Log level or filter (`info`, `debug`, `iotpipe_pipeline=debug,info`); RUST_LOG overrides.
+    /// The embedded broker's own log (rumqttd) is off unless RUST_LOG names it: it reports every
+    /// ordinary disconnect as an error.
+    #[arg(long, global = true, default_value = "info")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the whole pipeline in one process: embedded MQTT broker, log and stores, HTTP + WebSocket.
+    Dev(DevArgs),
+    /// Show or generate the configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct DevArgs {
+    /// MQTT listen address [default: 127.0.0.1:1883, or a free port when taken].
+    #[arg(long, value_name = "ADDR")]
+    mqtt_listen: Option<SocketAddr>,
+    /// HTTP listen address [default: 127.0.0.1:8080, or a free port when taken].
+    #[arg(long, value_name = "ADDR")]
+    http_listen: Option<SocketAddr>,
+    /// Data directory [default: ./iotpipe-data].
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Configuration file (TOML).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Simulate N devices publishing telemetry over MQTT.
+    #[arg(long, value_name = "N")]
+    simulate: Option<u32>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Print the effective configuration (defaults, then the file, then IOTPIPE_ variables).
+    Print {
+        /// Configuration file (TOML).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Write the default configuration, with a comment on every setting.
+    Generate {
+        /// Write to this file instead of standard output.
+        #[arg(long, short, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Overwrite an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(format!("{level},rumqttd=off,rumqttc=warn")))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Cancels the returned token on the first SIGINT/SIGTERM; exits the process on the second.
+fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        wait_signal().await;
+        warn!("Signal received; draining (send another to exit at once).");
+        t.cancel();
+        wait_signal().await;
+        eprintln!("Second signal: exiting now.");
+        std::process::exit(130);
+    });
+    token
+}
+
+async fn wait_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn load(config: Option<&std::path::Path>) -> anyhow::Result<Config> {
+    Ok(Config::load(config, std::env::vars())?)
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Config {
+            command: ConfigCommand::Print { config },
+        } => {
+            print!("{}", load(config.as_deref())?.to_toml());
+            Ok(())
+        }
+        Command::Config {
+            command: ConfigCommand::Generate { output, force },
+        } => match output {
+            None => {
+                print!("{TEMPLATE}");
+                Ok(())
+            }
+            Some(path) => {
+                if path.exists() && !force {
+                    anyhow::bail!("{} exists; pass --force to overwrite", path.display());
+                }
+                std::fs::write(&path, TEMPLATE)?;
+                eprintln!("Wrote {}", path.display());
+                Ok(())
+            }
+        },
+        Command::Dev(args) => {
+            let mut cfg = load(args.config.as_deref())?;
+            if let Some(a) = args.mqtt_listen {
+                cfg.dev.mqtt_listen = Some(a);
+            }
+            if let Some(a) = args.http_listen {
+                cfg.dev.http_listen = Some(a);
+            }
+            if let Some(d) = args.data_dir {
+                cfg.dev.data_dir = d;
+            }
+            if let Some(n) = args.simulate {
+                cfg.dev.simulate = n;
+            }
+            cfg.validate()?;
+            init_logging(cli.log_format, &cli.log_level);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let shutdown = shutdown_on_signals();
+                crate::dev::run(cfg, shutdown).await
+            })
+        }
+    }
+}

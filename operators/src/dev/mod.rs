@@ -1,0 +1,389 @@
+//! `iotpipe dev`: the whole pipeline in one process, with zero external services.
+//!
+//! An embedded MQTT broker (rumqttd, see [`broker`]) takes device messages; the ingest operator
+//! reads them into the in-process log; materialize, history, dead-letters (and rules, when enabled)
+//! consume the telemetry topic; fanout pushes changes and alerts to WebSocket clients and serves
+//! the API and dashboard. State lives in redb files in the data directory and survives restarts.
+//!
+//! Shutdown drains upstream-first, because the in-process log does not outlive the process:
+//! 1. devices are disconnected (the broker's public listener closes), the simulator stops;
+//! 2. ingest reads what the broker still holds until it has been idle briefly, appends, acks;
+//! 3. materialize, history, dead letters and rules consume the telemetry topic to its end;
+//! 4. fanout pushes the last changes, then WebSockets close with 1001 and the process exits.
+//!
+//! The whole sequence is bounded by `dev.shutdown_timeout`; a second signal exits at once.
+
+pub mod broker;
+pub mod simulate;
+
+use std::io::ErrorKind;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use iotpipe_pipeline::embedded::{MemLog, RedbDeadLetters, RedbHistory, RedbLatest};
+use iotpipe_pipeline::log::Log;
+use iotpipe_pipeline::metrics::Metrics;
+use iotpipe_pipeline::runtime::{
+    run_ingest, run_operator, IngestRunConfig, Operator, OperatorError, RunConfig,
+};
+use iotpipe_pipeline::store::StoreError;
+use iotpipe_rules::NoRules;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::{Config, DEFAULT_HTTP_LISTEN, DEFAULT_MQTT_LISTEN};
+use crate::dead_letters::DeadLetters;
+use crate::fanout::hub::Hub;
+use crate::fanout::{api, AppState, FanoutAlerts, FanoutChanges};
+use crate::history::History;
+use crate::ingest::{MqttSource, TopicTemplate};
+use crate::materialize::Materialize;
+use crate::rules::Rules;
+
+type OpTask = JoinHandle<Result<(), OperatorError>>;
+
+/// Binds `explicit` if given (a taken port is then an error naming `flag`), else `default`, falling
+/// back to a free port on the same interface when the default is taken.
+///
+/// # Errors
+/// When the explicit address cannot be bound, or no port at all can be.
+pub async fn bind_listener(
+    explicit: Option<SocketAddr>,
+    default: &str,
+    flag: &str,
+    what: &str,
+) -> anyhow::Result<TcpListener> {
+    if let Some(addr) = explicit {
+        return TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow!("{flag} {addr}: {e}"));
+    }
+    let default: SocketAddr = default.parse().context("default address")?;
+    match TcpListener::bind(default).await {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == ErrorKind::AddrInUse => {
+            let l = TcpListener::bind(SocketAddr::new(default.ip(), 0)).await?;
+            println!(
+                "{what} port {default} is in use; listening on {} instead (set {flag} to choose).",
+                l.local_addr()?
+            );
+            Ok(l)
+        }
+        Err(e) => Err(anyhow!("{flag} {default}: {e}")),
+    }
+}
+
+fn open_err(path: &std::path::Path, e: StoreError) -> anyhow::Error {
+    let msg = e.to_string();
+    if msg.contains("already open") || msg.contains("locked") {
+        anyhow!(
+            "{} is in use by another iotpipe process ({msg})",
+            path.display()
+        )
+    } else {
+        anyhow!("cannot open {}: {msg}", path.display())
+    }
+}
+
+fn spawn_op<O: Operator>(
+    name: &'static str,
+    consumer: Box<dyn iotpipe_pipeline::log::Consumer>,
+    mut op: O,
+    cfg: RunConfig,
+    token: CancellationToken,
+    metrics: Arc<Metrics>,
+    fatal: CancellationToken,
+) -> OpTask {
+    tokio::spawn(async move {
+        let r = run_operator(consumer, &mut op, cfg, token, metrics).await;
+        if let Err(e) = &r {
+            error!(operator = name, error = %e, "Operator failed; shutting down.");
+            fatal.cancel();
+        }
+        r
+    })
+}
+
+async fn join_all(tasks: Vec<OpTask>) -> bool {
+    let mut ok = true;
+    for t in tasks {
+        ok &= matches!(t.await, Ok(Ok(())));
+    }
+    ok
+}
+
+/// Runs `iotpipe dev` until `shutdown` is cancelled, then drains and returns.
+///
+/// # Errors
+/// Start-up failures (a taken explicit port, a locked data directory) and a failed operator.
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let topics = cfg.topics.clone();
+    let template = TopicTemplate::parse(&cfg.ingest.topic_template)?;
+
+    std::fs::create_dir_all(&cfg.dev.data_dir)
+        .with_context(|| format!("cannot create data dir {}", cfg.dev.data_dir.display()))?;
+    let p = |f: &str| cfg.dev.data_dir.join(f);
+    let latest =
+        Arc::new(RedbLatest::open(&p("latest.redb")).map_err(|e| open_err(&p("latest.redb"), e))?);
+    let history = Arc::new(
+        RedbHistory::open(&p("history.redb")).map_err(|e| open_err(&p("history.redb"), e))?,
+    );
+    let dead = Arc::new(
+        RedbDeadLetters::open(&p("dead_letters.redb"), cfg.dead_letters.keep)
+            .map_err(|e| open_err(&p("dead_letters.redb"), e))?,
+    );
+
+    let mem_log = Arc::new(MemLog::new(cfg.dev.log_partitions, cfg.dev.log_capacity));
+    for t in [
+        &topics.telemetry,
+        &topics.changes,
+        &topics.alerts,
+        &topics.dead_letters,
+    ] {
+        mem_log.create_topic(t);
+    }
+    let log: Arc<dyn Log> = mem_log;
+
+    let http_listener = bind_listener(
+        cfg.dev.http_listen,
+        DEFAULT_HTTP_LISTEN,
+        "--http-listen",
+        "HTTP",
+    )
+    .await?;
+    let mqtt_listener = bind_listener(
+        cfg.dev.mqtt_listen,
+        DEFAULT_MQTT_LISTEN,
+        "--mqtt-listen",
+        "MQTT",
+    )
+    .await?;
+    let http_addr = http_listener.local_addr()?;
+    let mqtt_addr = mqtt_listener.local_addr()?;
+    let max_packet = (cfg.limits.max_payload_bytes * 4).max(1 << 20);
+    let broker_addr = broker::start_rumqttd(max_packet).await?;
+
+    // Tokens: one per drain stage, cancelled in order at shutdown; `fatal` when an operator dies.
+    let fatal = CancellationToken::new();
+    let ingest_stop = CancellationToken::new();
+    let intake = CancellationToken::new();
+    let stage2 = CancellationToken::new();
+    let stage3 = CancellationToken::new();
+    let http_stop = CancellationToken::new();
+    let sim_stop = CancellationToken::new();
+
+    // Join every consumer group before ingest starts, so no group misses the first records.
+    let run_cfg = |max_batch: usize| RunConfig {
+        max_batch,
+        ..RunConfig::default()
+    };
+    let mut stage2_tasks = vec![
+        spawn_op(
+            "materialize",
+            log.subscribe(&topics.telemetry, "materialize").await?,
+            Materialize::new(latest.clone(), log.clone(), topics.clone(), metrics.clone()),
+            run_cfg(cfg.materialize.max_batch),
+            stage2.clone(),
+            metrics.clone(),
+            fatal.clone(),
+        ),
+        spawn_op(
+            "history",
+            log.subscribe(&topics.telemetry, "history").await?,
+            History::new(
+                history.clone(),
+                log.clone(),
+                topics.clone(),
+                metrics.clone(),
+            ),
+            run_cfg(cfg.history.max_batch),
+            stage2.clone(),
+            metrics.clone(),
+            fatal.clone(),
+        ),
+    ];
+    if cfg.rules.enabled {
+        stage2_tasks.push(spawn_op(
+            "rules",
+            log.subscribe(&topics.telemetry, "rules").await?,
+            Rules::new(
+                Arc::new(NoRules),
+                log.clone(),
+                topics.clone(),
+                metrics.clone(),
+            ),
+            run_cfg(cfg.rules.max_batch),
+            stage2.clone(),
+            metrics.clone(),
+            fatal.clone(),
+        ));
+    }
+    let hub = Arc::new(Hub::new(cfg.fanout.queue_capacity, metrics.clone()));
+    // Dead letters are written by every stage up to materialize/history, so they drain last.
+    let stage3_tasks = vec![
+        spawn_op(
+            "fanout",
+            log.subscribe(&topics.changes, "fanout").await?,
+            FanoutChanges::new(hub.clone()),
+            run_cfg(1000),
+            stage3.clone(),
+            metrics.clone(),
+            fatal.clone(),
+        ),
+        spawn_op(
+            "fanout_alerts",
+            log.subscribe(&topics.alerts, "fanout").await?,
+            FanoutAlerts::new(hub.clone()),
+            run_cfg(1000),
+            stage3.clone(),
+            metrics.clone(),
+            fatal.clone(),
+        ),
+        spawn_op(
+            "dead_letters",
+            log.subscribe(&topics.dead_letters, "dead_letters").await?,
+            DeadLetters::new(dead.clone()),
+            run_cfg(1000),
+            stage3.clone(),
+            metrics.clone(),
+            fatal.clone(),
+        ),
+    ];
+
+    let info = serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "mode": "dev",
+        "mqtt": mqtt_addr.to_string(),
+        "http": http_addr.to_string(),
+        "data_dir": cfg.dev.data_dir.display().to_string(),
+        "topic_template": template.to_string(),
+        "subscription_filter": template.subscription_filter(),
+    });
+    let ready = Arc::new(AtomicBool::new(false));
+    let state = AppState {
+        latest: latest.clone(),
+        history: history.clone(),
+        dead_letters: dead.clone(),
+        hub: hub.clone(),
+        metrics: metrics.clone(),
+        config: cfg.fanout.clone(),
+        info: Arc::new(info),
+        ready: ready.clone(),
+        shutdown: http_stop.clone(),
+    };
+    let app = api::router(state);
+    let http_token = http_stop.clone();
+    let http_task = tokio::spawn(async move {
+        axum::serve(http_listener, app)
+            .with_graceful_shutdown(http_token.cancelled_owned())
+            .await
+    });
+
+    // Ingest, reading from the private broker port; its stop hook closes the public one.
+    let intake_hook = intake.clone();
+    let mut source = MqttSource::connect(
+        &broker_addr.ip().to_string(),
+        broker_addr.port(),
+        &cfg.ingest,
+        max_packet,
+    )?
+    .with_stop_hook(Arc::new(move || intake_hook.cancel()));
+    let ingest_cfg = IngestRunConfig {
+        max_batch: cfg.ingest.max_batch,
+        drain_idle: cfg.ingest.drain_idle,
+        ..IngestRunConfig::default()
+    };
+    let (ingest_log, ingest_topics, limits, ingest_metrics, ingest_token, ingest_fatal) = (
+        log.clone(),
+        topics.clone(),
+        cfg.limits.clone(),
+        metrics.clone(),
+        ingest_stop.clone(),
+        fatal.clone(),
+    );
+    let ingest_task: OpTask = tokio::spawn(async move {
+        let r = run_ingest(
+            &mut source,
+            ingest_log,
+            &ingest_topics,
+            &limits,
+            ingest_cfg,
+            ingest_token,
+            ingest_metrics,
+        )
+        .await;
+        source.close().await;
+        if let Err(e) = &r {
+            error!(operator = "ingest", error = %e, "Ingest failed; shutting down.");
+            ingest_fatal.cancel();
+        }
+        r
+    });
+    broker::spawn_proxy(mqtt_listener, broker_addr, intake.clone());
+
+    let sim_task = (cfg.dev.simulate > 0).then(|| {
+        tokio::spawn(simulate::run(
+            mqtt_addr,
+            template.clone(),
+            cfg.dev.simulate,
+            cfg.dev.simulate_interval,
+            sim_stop.clone(),
+        ))
+    });
+
+    ready.store(true, Ordering::Release);
+    println!("iotpipe dev is running.");
+    println!("  MQTT broker: {mqtt_addr}  (publish JSON to {template})");
+    println!("  Dashboard:   http://{http_addr}/");
+    println!("  API:         http://{http_addr}/v1/devices");
+    println!("  Data dir:    {}", cfg.dev.data_dir.display());
+    info!(mqtt = %mqtt_addr, http = %http_addr, "iotpipe dev started.");
+
+    tokio::select! {
+        () = shutdown.cancelled() => info!("Shutting down: draining the pipeline."),
+        () = fatal.cancelled() => warn!("An operator failed; shutting down."),
+    }
+    ready.store(false, Ordering::Release);
+    let started = Instant::now();
+    let drained = tokio::time::timeout(cfg.dev.shutdown_timeout, async {
+        sim_stop.cancel();
+        if let Some(t) = sim_task {
+            let _ = t.await;
+        }
+        ingest_stop.cancel();
+        let mut ok = join_all(vec![ingest_task]).await;
+        stage2.cancel();
+        ok &= join_all(stage2_tasks).await;
+        stage3.cancel();
+        ok &= join_all(stage3_tasks).await;
+        http_stop.cancel();
+        // Give connections a moment to send their close frames.
+        let close_deadline = Instant::now() + Duration::from_secs(2);
+        while hub.connections() > 0 && Instant::now() < close_deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _ = http_task.await;
+        ok
+    })
+    .await;
+    match drained {
+        Ok(true) if !fatal.is_cancelled() => {
+            info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "Drained; bye."
+            );
+            Ok(())
+        }
+        Ok(_) => Err(anyhow!("an operator failed; see the log above")),
+        Err(_) => Err(anyhow!(
+            "shutdown did not finish within {:?}; exiting anyway",
+            cfg.dev.shutdown_timeout
+        )),
+    }
+}

@@ -1,0 +1,247 @@
+//! The HTTP API: device list, latest state, history, dead letters, info, health, metrics, the
+//! WebSocket endpoint and the dashboard. Errors are JSON `{"error":{"code","message"}}`; bad
+//! parameters are 400s, never 500s.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Path, Query, Request, State, WebSocketUpgrade};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use iotpipe_pipeline::record::validate_device_id;
+use iotpipe_pipeline::store::{HistoryQuery, Order, StoreError};
+use iotpipe_pipeline::time::parse_ms_or_rfc3339;
+use iotpipe_pipeline::Retryable;
+use serde_json::json;
+use tracing::error;
+
+use super::AppState;
+
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// An API error with its status.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: "bad_request",
+            message: message.into(),
+        }
+    }
+
+    fn not_found(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::NOT_FOUND,
+            code: "not_found",
+            message: message.into(),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e.class() {
+            iotpipe_pipeline::ErrorClass::Input => Self::bad_request(e.to_string()),
+            iotpipe_pipeline::ErrorClass::External => Self {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: "unavailable",
+                message: e.to_string(),
+            },
+            iotpipe_pipeline::ErrorClass::Bug => {
+                error!(error = %e, "Store failed.");
+                Self {
+                    status: StatusCode::INTERNAL_SERVER_ERROR,
+                    code: "internal",
+                    message: "internal error".into(),
+                }
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({"error": {"code": self.code, "message": self.message}})),
+        )
+            .into_response()
+    }
+}
+
+/// The router with every route.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(|| async { Html(DASHBOARD) }))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/info", get(info))
+        .route("/v1/devices", get(devices))
+        .route("/v1/devices/{id}/latest", get(latest))
+        .route("/v1/devices/{id}/history", get(history))
+        .route("/v1/dead-letters", get(dead_letters))
+        .route("/v1/ws", get(ws))
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .with_state(state)
+}
+
+/// Counts requests by route and status and times them. The route is the matched pattern, never
+/// the raw path, so the label stays bounded.
+async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let started = Instant::now();
+    let res = next.run(req).await;
+    state
+        .metrics
+        .http_requests
+        .with_label_values(&[&route, res.status().as_str()])
+        .inc();
+    state
+        .metrics
+        .http_seconds
+        .with_label_values(&[&route])
+        .observe(started.elapsed().as_secs_f64());
+    res
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.ready.load(Ordering::Acquire) && !state.shutdown.is_cancelled() {
+        "ready".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn info(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(state.info.as_ref().clone())
+}
+
+fn parse_limit(
+    params: &HashMap<String, String>,
+    default: usize,
+    max: usize,
+) -> Result<usize, ApiError> {
+    match params.get("limit") {
+        None => Ok(default.min(max)),
+        Some(s) => match s.parse::<usize>() {
+            Ok(0) | Err(_) => Err(ApiError::bad_request(format!(
+                "limit must be a positive integer, got `{s}`"
+            ))),
+            Ok(n) => Ok(n.min(max)),
+        },
+    }
+}
+
+fn check_device(id: &str) -> Result<(), ApiError> {
+    validate_device_id(id).map_err(|e| ApiError::bad_request(e.detail))
+}
+
+async fn devices(
+    State(state): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let limit = parse_limit(&params, 1000, state.config.max_list_limit)?;
+    let list = state.latest.devices(limit).await?;
+    Ok(Json(json!({"devices": list})).into_response())
+}
+
+async fn latest(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    check_device(&id)?;
+    let s = state
+        .latest
+        .get(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("unknown device `{id}`")))?;
+    Ok(Json(json!({"device": s.device, "ts": s.ts, "seq": s.seq, "last_seen": s.last_seen, "state": s.values()})).into_response())
+}
+
+async fn history(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    check_device(&id)?;
+    let time = |name: &str, default: i64| -> Result<i64, ApiError> {
+        params.get(name).map_or(Ok(default), |s| {
+            parse_ms_or_rfc3339(s).map_err(|e| ApiError::bad_request(format!("{name}: {e}")))
+        })
+    };
+    let from = time("from", i64::MIN)?;
+    let to = time("to", i64::MAX)?;
+    if from > to {
+        return Err(ApiError::bad_request("from must not be after to"));
+    }
+    let order = match params.get("order").map(String::as_str) {
+        None | Some("asc") => Order::Asc,
+        Some("desc") => Order::Desc,
+        Some(o) => {
+            return Err(ApiError::bad_request(format!(
+                "order must be `asc` or `desc`, got `{o}`"
+            )))
+        }
+    };
+    let limit = parse_limit(&params, 100, state.config.max_history_limit)?;
+    let q = HistoryQuery {
+        device: id.clone(),
+        from,
+        to,
+        limit,
+        order,
+        cursor: params.get("cursor").cloned(),
+    };
+    let page = state.history.query(&q).await?;
+    let items: Vec<_> = page
+        .items
+        .into_iter()
+        .map(|i| json!({"ts": i.ts, "metrics": i.metrics}))
+        .collect();
+    Ok(
+        Json(json!({"device": id, "items": items, "next_cursor": page.next_cursor}))
+            .into_response(),
+    )
+}
+
+async fn dead_letters(
+    State(state): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let limit = parse_limit(&params, 100, state.config.max_list_limit)?;
+    let letters = state.dead_letters.recent(limit).await?;
+    Ok(Json(json!({"dead_letters": letters})).into_response())
+}
+
+async fn ws(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> Response {
+    let max = state.config.max_message_bytes;
+    upgrade
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| super::ws::serve(socket, state))
+}

@@ -1,0 +1,166 @@
+//! The rules operator: runs subscription rules on every telemetry record and appends the alerts
+//! they raise to the alerts topic, from which fanout pushes them to dashboards.
+//!
+//! The evaluator is pluggable ([`iotpipe_rules::Evaluator`]); step 3 supplies the sandboxed Rhai
+//! engine. The operator runs in its own consumer group, so a slow or failing rule never delays
+//! latest state, history or fanout.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use iotpipe_pipeline::dead_letter::Stage;
+use iotpipe_pipeline::log::{Log, LogRecord, Produce, Topics};
+use iotpipe_pipeline::metrics::Metrics;
+use iotpipe_pipeline::runtime::{Operator, OperatorError};
+use iotpipe_rules::Evaluator;
+use serde::{Deserialize, Serialize};
+
+use crate::materialize::decode_records;
+
+/// Settings of the rules operator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RulesConfig {
+    /// Run the rules operator. Off until rules exist (step 3 adds the rule engine and rule files).
+    pub enabled: bool,
+    /// Most records evaluated per batch.
+    pub max_batch: usize,
+}
+
+impl Default for RulesConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            max_batch: 500,
+        }
+    }
+}
+
+/// The rules operator.
+pub struct Rules {
+    evaluator: Arc<dyn Evaluator>,
+    log: Arc<dyn Log>,
+    topics: Topics,
+    metrics: Arc<Metrics>,
+}
+
+impl Rules {
+    /// Builds the operator around an evaluator.
+    pub fn new(
+        evaluator: Arc<dyn Evaluator>,
+        log: Arc<dyn Log>,
+        topics: Topics,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            evaluator,
+            log,
+            topics,
+            metrics,
+        }
+    }
+}
+
+#[async_trait]
+impl Operator for Rules {
+    fn name(&self) -> &'static str {
+        "rules"
+    }
+
+    async fn process(&mut self, batch: &[LogRecord]) -> Result<(), OperatorError> {
+        let (records, letters) = decode_records(batch, Stage::Rules, &self.metrics);
+        if !letters.is_empty() {
+            self.log.append(&self.topics.dead_letters, letters).await?;
+        }
+        let mut alerts = Vec::new();
+        for r in &records {
+            for alert in self.evaluator.evaluate(r).await {
+                alerts.push(Produce::json(&alert.device, &alert)?);
+            }
+        }
+        if !alerts.is_empty() {
+            self.log.append(&self.topics.alerts, alerts).await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iotpipe_pipeline::embedded::MemLog;
+    use iotpipe_pipeline::record::{parse_record, Limits, Record, SourceRef};
+    use iotpipe_rules::Alert;
+    use std::time::Duration;
+
+    /// A threshold evaluator standing in for a compiled rule.
+    struct Above(f64);
+
+    #[async_trait]
+    impl Evaluator for Above {
+        async fn evaluate(&self, record: &Record) -> Vec<Alert> {
+            match record.metrics.get("t").and_then(serde_json::Value::as_f64) {
+                Some(t) if t > self.0 => vec![Alert {
+                    rule: "hot".into(),
+                    device: record.device.clone(),
+                    ts: record.ts,
+                    severity: "warning".into(),
+                    text: format!("t={t}"),
+                    record_id: record.id.clone(),
+                }],
+                _ => Vec::new(),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn alerts_from_the_evaluator_reach_the_alerts_topic() {
+        let log = Arc::new(MemLog::new(2, 100));
+        let topics = Topics::default();
+        for t in [&topics.telemetry, &topics.alerts, &topics.dead_letters] {
+            log.create_topic(t);
+        }
+        let mut alerts = log
+            .subscribe(&topics.alerts, "test")
+            .await
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        let mut op = Rules::new(
+            Arc::new(Above(30.0)),
+            log.clone(),
+            topics.clone(),
+            Arc::new(Metrics::new()),
+        );
+        let now = iotpipe_pipeline::time::now_ms();
+        let batch: Vec<LogRecord> = [20.0, 35.0]
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let rec = parse_record(
+                    "d1",
+                    format!(r#"{{"t":{t}}}"#).as_bytes(),
+                    now,
+                    SourceRef::Internal,
+                    &Limits::default(),
+                )
+                .unwrap_or_else(|e| unreachable!("{e}"));
+                LogRecord {
+                    partition: 0,
+                    offset: i as u64,
+                    key: "d1".into(),
+                    value: serde_json::to_vec(&rec).unwrap_or_default().into(),
+                }
+            })
+            .collect();
+        op.process(&batch)
+            .await
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        let got = alerts
+            .poll(10, Duration::from_millis(100))
+            .await
+            .unwrap_or_default();
+        assert_eq!(got.len(), 1);
+        let alert: Alert =
+            serde_json::from_slice(&got[0].value).unwrap_or_else(|e| unreachable!("{e}"));
+        assert_eq!(alert.text, "t=35");
+    }
+}
