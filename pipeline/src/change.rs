@@ -1,10 +1,12 @@
 //! Latest state and change events: the field-level merge every `LatestStore` applies.
 //!
 //! A device's latest state is a map of top-level metric fields. Each field remembers the
-//! `(ts, record id)` of the newest record that carried it, and a record replaces a field only when
-//! its own `(ts, record id)` is newer. An old record that arrives late therefore changes nothing and
-//! emits no change event, and the final state does not depend on arrival order (property-tested
-//! below).
+//! `(ts, arrival, record id)` of the newest record that carried it, and a record replaces a field
+//! only when its own key is greater. An old record that arrives late therefore changes nothing and
+//! emits no change event. Between records with the same device `ts` the later arrival at ingest
+//! wins (devices without a clock get the receive time in ms as `ts`, so two of their messages can
+//! share one); the id only breaks the remaining ties. The final state is the same for every
+//! processing order (property-tested below).
 //!
 //! The materializer is the only writer per device (the log is keyed by device), so it numbers the
 //! change events of each device `seq = previous + 1` and stores `seq` with the state. Dashboards use
@@ -35,7 +37,10 @@ pub struct FieldState {
     pub v: Value,
     /// Device ts of the newest record that carried this field.
     pub ts: i64,
-    /// Id of that record; breaks ties between records with the same ts.
+    /// Arrival stamp of that record; the later arrival wins between records with the same ts.
+    #[serde(default)]
+    pub arrival: u64,
+    /// Id of that record.
     pub rid: RecordId,
     /// The seq of the change that last changed this field's value.
     pub seq: u64,
@@ -147,11 +152,14 @@ pub fn merge(state: &mut LatestState, record: &Record) -> MergeOutcome {
     for (k, v) in &record.metrics {
         match state.fields.get_mut(k) {
             Some(f) => {
-                if (record.ts, &record.id) <= (f.ts, &f.rid) {
+                if f.rid == record.id
+                    || (record.ts, record.arrival, &record.id) <= (f.ts, f.arrival, &f.rid)
+                {
                     continue;
                 }
                 touched = true;
                 f.ts = record.ts;
+                f.arrival = record.arrival;
                 f.rid = record.id.clone();
                 if f.v != *v {
                     f.v = v.clone();
@@ -166,6 +174,7 @@ pub fn merge(state: &mut LatestState, record: &Record) -> MergeOutcome {
                     FieldState {
                         v: v.clone(),
                         ts: record.ts,
+                        arrival: record.arrival,
                         rid: record.id.clone(),
                         seq: next_seq,
                     },
@@ -212,6 +221,7 @@ mod tests {
             device: "d1".into(),
             ts,
             received_at: ts,
+            arrival: 0,
             metrics,
             source: SourceRef::Internal,
         }
@@ -272,6 +282,24 @@ mod tests {
     }
 
     #[test]
+    fn same_ts_later_arrival_wins() {
+        let mut s = LatestState::new("d1");
+        for (arrival, n) in [(1u64, 93), (2, 94), (3, 95)] {
+            let mut r = rec(10, json!({ "n": n }));
+            r.arrival = arrival;
+            let out = merge(&mut s, &r);
+            assert_eq!(
+                out.change().map(|c| Value::Object(c.changes.clone())),
+                Some(json!({ "n": n }))
+            );
+        }
+        // An earlier arrival with the same ts, processed late, does not win.
+        let mut old = rec(10, json!({"n": 1}));
+        old.arrival = 0;
+        assert_eq!(merge(&mut s, &old), MergeOutcome::Unchanged);
+    }
+
+    #[test]
     fn replay_re_emits_with_the_original_seq() {
         let mut s = LatestState::new("d1");
         let r1 = rec(10, json!({"t": 1, "h": 1}));
@@ -305,28 +333,31 @@ mod tests {
         )
         .prop_map(|v| {
             v.into_iter()
-                .map(|(ts, m)| {
-                    rec(
+                .enumerate()
+                .map(|(i, (ts, m))| {
+                    let mut r = rec(
                         ts,
                         Value::Object(
                             m.into_iter()
                                 .map(|(k, v)| (k.to_owned(), json!(v)))
                                 .collect(),
                         ),
-                    )
+                    );
+                    r.arrival = i as u64;
+                    r
                 })
                 .collect()
         })
     }
 
     proptest! {
-        /// Whatever the arrival order (with duplicates), the final state is, per field, the value
-        /// of the record with the greatest (ts, id) that carried it; seqs have no gaps; each change
+        /// Whatever the processing order (with duplicates), the final state is, per field, the value
+        /// of the record with the greatest (ts, arrival, id) that carried it; seqs have no gaps; each change
         /// holds exactly the fields whose visible value changed.
         #[test]
         fn final_state_is_per_field_newest(records in arb_records(), seed in any::<u64>(), dups in 0usize..5) {
             let mut order: Vec<Record> = records.clone();
-            for i in 0..dups.min(order.len()) { order.push(records[i].clone()); }
+            order.extend(records.iter().take(dups).cloned());
             // Deterministic shuffle from the seed.
             let mut x = seed | 1;
             for i in (1..order.len()).rev() {
@@ -348,17 +379,17 @@ mod tests {
                     prop_assert_eq!(&before, &after);
                 }
             }
-            let mut expected: BTreeMap<String, (i64, RecordId, Value)> = BTreeMap::new();
+            let mut expected: BTreeMap<String, (i64, u64, RecordId, Value)> = BTreeMap::new();
             for r in &records {
                 for (k, v) in &r.metrics {
-                    let cand = (r.ts, r.id.clone(), v.clone());
+                    let cand = (r.ts, r.arrival, r.id.clone(), v.clone());
                     match expected.get(k) {
-                        Some(cur) if (cur.0, &cur.1) >= (cand.0, &cand.1) => {}
+                        Some(cur) if (cur.0, cur.1, &cur.2) >= (cand.0, cand.1, &cand.2) => {}
                         _ => { expected.insert(k.clone(), cand); }
                     }
                 }
             }
-            let expected: Map<String, Value> = expected.into_iter().map(|(k, (_, _, v))| (k, v)).collect();
+            let expected: Map<String, Value> = expected.into_iter().map(|(k, (_, _, _, v))| (k, v)).collect();
             prop_assert_eq!(s.values(), expected);
             prop_assert_eq!(s.seq, last_seq);
         }

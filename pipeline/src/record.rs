@@ -73,6 +73,11 @@ pub struct Record {
     pub ts: i64,
     /// When ingest received the message, epoch ms.
     pub received_at: i64,
+    /// Arrival order at ingest (epoch ns, strictly increasing per ingest process). Breaks ties
+    /// between records of a device with the same `ts`: the later arrival wins, which is what a
+    /// device without timestamps (whose `ts` is the receive time in ms) means by "latest".
+    #[serde(default)]
+    pub arrival: u64,
     /// The payload without `ts`: a JSON object.
     pub metrics: Map<String, Value>,
     /// Where the message came from.
@@ -291,6 +296,7 @@ pub fn parse_record(
         device: device.to_owned(),
         ts,
         received_at: now_ms,
+        arrival: u64::try_from(now_ms).unwrap_or(0).saturating_mul(1_000_000),
         metrics: obj,
         source,
     })

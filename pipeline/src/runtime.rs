@@ -462,7 +462,11 @@ pub fn validate_batch(batch: &[Incoming], limits: &Limits) -> (Vec<Produce>, Vec
             .device
             .as_ref()
             .map_err(Clone::clone)
-            .and_then(|d| parse_record(d, &m.payload, m.received_at, m.source.clone(), limits));
+            .and_then(|d| parse_record(d, &m.payload, m.received_at, m.source.clone(), limits))
+            .map(|mut r| {
+                r.arrival = m.arrival;
+                r
+            });
         match parsed.and_then(|r| {
             Produce::json(&r.device, &r).map_err(|e| {
                 crate::record::Rejection::new(

@@ -22,6 +22,8 @@ pub struct Incoming {
     pub source: SourceRef,
     /// Receive time, epoch ms.
     pub received_at: i64,
+    /// Arrival stamp from [`crate::time::arrival_ns`].
+    pub arrival: u64,
 }
 
 /// Errors of a source.

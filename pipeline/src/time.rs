@@ -10,6 +10,25 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// A strictly increasing arrival stamp: epoch nanoseconds, bumped by one when the clock has not
+/// moved on (or went back) since the previous call in this process.
+pub fn arrival_ns() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    let mut prev = LAST.load(Ordering::Relaxed);
+    loop {
+        let next = now.max(prev + 1);
+        match LAST.compare_exchange_weak(prev, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(p) => prev = p,
+        }
+    }
+}
+
 /// Formats epoch milliseconds as RFC 3339 (UTC, millisecond precision).
 pub fn to_rfc3339(ms: i64) -> String {
     let nanos = i128::from(ms) * 1_000_000;

@@ -102,6 +102,7 @@ impl MqttSource {
             payload: Bytes::copy_from_slice(&p.payload),
             source: SourceRef::Mqtt { topic },
             received_at: now_ms(),
+            arrival: iotpipe_pipeline::time::arrival_ns(),
         }
     }
 }

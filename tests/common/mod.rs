@@ -1,0 +1,274 @@
+//! Shared helpers of the integration tests: start the real `iotpipe` binary on free ports, and
+//! talk to it with real clients (MQTT, HTTP, WebSocket). No mocks.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+/// A running `iotpipe dev`.
+pub struct Dev {
+    child: Option<Child>,
+    pub mqtt: SocketAddr,
+    pub http: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+/// A free loopback port (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Dev {
+    /// Starts `iotpipe dev` with its data in `data_dir`, MQTT on `mqtt_port` (0 = any).
+    pub fn start(data_dir: &Path, mqtt_port: u16, extra: &[&str]) -> Self {
+        let mqtt = format!("127.0.0.1:{mqtt_port}");
+        let mut args = vec!["--http-listen", "127.0.0.1:0", "--mqtt-listen", &mqtt];
+        args.extend_from_slice(extra);
+        Self::spawn(data_dir, &args)
+    }
+
+    /// Starts `iotpipe dev` with exactly `args` after `--data-dir`.
+    pub fn spawn(data_dir: &Path, args: &[&str]) -> Self {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data_dir.with_extension("log"))
+            .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_iotpipe"))
+            .args(["dev", "--data-dir"])
+            .arg(data_dir)
+            .args(args)
+            .env("RUST_LOG", "info,rumqttd=off")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start iotpipe");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let (mut mqtt, mut http) = (None, None);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while mqtt.is_none() || http.is_none() {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| {
+                    let log =
+                        std::fs::read_to_string(data_dir.with_extension("log")).unwrap_or_default();
+                    panic!("iotpipe dev did not start; log:\n{log}")
+                });
+            let addr = || {
+                line.split_whitespace().find_map(|w| {
+                    w.trim_start_matches("http://")
+                        .trim_end_matches('/')
+                        .parse::<SocketAddr>()
+                        .ok()
+                })
+            };
+            if line.contains("MQTT broker:") {
+                mqtt = addr();
+            } else if line.contains("Dashboard:") {
+                http = addr();
+            }
+        }
+        Self {
+            child: Some(child),
+            mqtt: mqtt.unwrap(),
+            http: http.unwrap(),
+            data_dir: data_dir.to_owned(),
+        }
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop(mut self) {
+        let mut child = self.child.take().unwrap();
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                assert!(
+                    s.success(),
+                    "iotpipe dev exited with {s}; log:\n{}",
+                    self.log()
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "iotpipe dev did not stop in time"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default()
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        http_get(self.http, path).await
+    }
+
+    /// Polls `GET path` until `pred` holds or 10 s pass.
+    pub async fn wait_for(&self, path: &str, pred: impl Fn(u16, &Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, body) = self.get(path).await;
+            if pred(status, &body) {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "GET {path} never satisfied the condition; last: {status} {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub async fn ws(&self) -> Ws {
+        let (stream, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/ws", self.http))
+            .await
+            .unwrap();
+        Ws { stream }
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET (the API answers with Content-Length bodies).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, Value) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(Value::String(body.to_owned())),
+    )
+}
+
+pub struct Ws {
+    stream: tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+}
+
+impl Ws {
+    pub async fn send(&mut self, v: Value) {
+        self.stream
+            .send(Message::text(v.to_string()))
+            .await
+            .unwrap();
+    }
+
+    /// The next JSON frame (5 s timeout); `Err(code)` when the server closed the connection.
+    pub async fn next(&mut self) -> Result<Value, Option<u16>> {
+        loop {
+            let msg = tokio::time::timeout(Duration::from_secs(5), self.stream.next())
+                .await
+                .expect("no frame within 5 s");
+            match msg {
+                Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(&t).unwrap()),
+                Some(Ok(Message::Close(frame))) => return Err(frame.map(|f| u16::from(f.code))),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return Err(None),
+            }
+        }
+    }
+
+    /// The next frame of `type`, skipping others.
+    pub async fn next_of(&mut self, kind: &str) -> Value {
+        loop {
+            let v = self.next().await.expect("connection closed");
+            if v["type"] == kind {
+                return v;
+            }
+        }
+    }
+}
+
+/// An MQTT client that publishes one QoS 1 message at a time and waits for its PUBACK,
+/// reconnecting (and republishing the unacknowledged message) after failures.
+pub struct Publisher {
+    client: AsyncClient,
+    eventloop: EventLoop,
+}
+
+impl Publisher {
+    pub fn new(addr: SocketAddr, id: &str) -> Self {
+        let mut opts = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        opts.set_keep_alive(Duration::from_secs(5))
+            .set_max_packet_size(1 << 20, 1 << 20);
+        let (client, eventloop) = AsyncClient::new(opts, 100);
+        Self { client, eventloop }
+    }
+
+    /// Publishes and waits for the PUBACK; retries through disconnects for up to `patience`.
+    pub async fn publish(&mut self, topic: &str, payload: &[u8], patience: Duration) {
+        let deadline = Instant::now() + patience;
+        'attempt: loop {
+            assert!(
+                Instant::now() < deadline,
+                "message to {topic} never acknowledged"
+            );
+            self.client
+                .publish(topic, QoS::AtLeastOnce, false, payload.to_vec())
+                .await
+                .unwrap();
+            loop {
+                let ev = tokio::time::timeout(Duration::from_secs(5), self.eventloop.poll()).await;
+                match ev {
+                    Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => return,
+                    Ok(Ok(_)) => {}
+                    Ok(Err(_)) | Err(_) => {
+                        // Disconnected (or stuck): the broker did not acknowledge, so it is ours to
+                        // send again once connected. Drop what rumqttc kept for the old session.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        self.eventloop.clean();
+                        self.eventloop.pending.clear();
+                        continue 'attempt;
+                    }
+                }
+            }
+        }
+    }
+}
