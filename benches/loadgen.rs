@@ -95,14 +95,15 @@ fn start_server() -> Server {
             "--data-dir",
         ])
         .arg(dir.path().join("data"))
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "warn,rumqttd=off")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start iotpipe dev");
     let out = BufReader::new(child.stdout.take().unwrap());
     let (mut mqtt, mut http) = (None, None);
-    for line in out.lines().map_while(Result::ok) {
+    let mut lines = out.lines();
+    for line in lines.by_ref().map_while(Result::ok) {
         let addr = || {
             line.split_whitespace().find_map(|w| {
                 w.trim_start_matches("http://")
@@ -120,6 +121,8 @@ fn start_server() -> Server {
             break;
         }
     }
+    // Keep draining the server's stdout so it never writes into a closed pipe.
+    std::thread::spawn(move || lines.for_each(drop));
     Server {
         child,
         mqtt: mqtt.expect("mqtt address"),

@@ -80,6 +80,23 @@ async fn mqtt_to_websocket_and_rest_survives_restart() {
     assert_eq!(devices["devices"][0]["device"], "e2e-1");
     assert_eq!(dev.get("/v1/devices/nope/latest").await.0, 404);
     assert_eq!(dev.get("/readyz").await.0, 200);
+    assert_eq!(dev.get("/healthz").await.0, 200);
+    // The dashboard is served at / and subscribes over the same WebSocket endpoint.
+    let (status, page) = dev.get("/").await;
+    assert_eq!(status, 200);
+    assert!(page.as_str().is_some_and(|p| p.contains("/v1/ws") && p.contains("devices: ['*']")));
+    let (_, metrics) = dev.get("/metrics").await;
+    let metrics = metrics.as_str().unwrap_or_default().to_owned();
+    for line in [
+        "iotpipe_ingest_received_total 2",
+        "iotpipe_ingest_appended_total 2",
+        "iotpipe_changes_emitted_total 2",
+        "iotpipe_history_rows_written_total 2",
+        "iotpipe_ws_connections 2",
+    ] {
+        assert!(metrics.contains(line), "missing `{line}` in:\n{metrics}");
+    }
+    assert!(metrics.contains("iotpipe_push_latency_seconds_count"));
 
     // Shutdown closes WebSockets with 1001.
     let http_before = dev.http;

@@ -47,6 +47,17 @@ use crate::rules::Rules;
 
 type OpTask = JoinHandle<Result<(), OperatorError>>;
 
+/// Prints a line for the person running `iotpipe dev`. Unlike `println!` it never panics: a closed
+/// stdout (a parent that stopped reading) must not take the pipeline down.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, $($arg)*);
+        let _ = out.flush();
+    }};
+}
+
 /// Binds `explicit` if given (a taken port is then an error naming `flag`), else `default`, falling
 /// back to a free port on the same interface when the default is taken.
 ///
@@ -68,7 +79,7 @@ pub async fn bind_listener(
         Ok(l) => Ok(l),
         Err(e) if e.kind() == ErrorKind::AddrInUse => {
             let l = TcpListener::bind(SocketAddr::new(default.ip(), 0)).await?;
-            println!(
+            say!(
                 "{what} port {default} is in use; listening on {} instead (set {flag} to choose).",
                 l.local_addr()?
             );
@@ -338,11 +349,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     });
 
     ready.store(true, Ordering::Release);
-    println!("iotpipe dev is running.");
-    println!("  MQTT broker: {mqtt_addr}  (publish JSON to {template})");
-    println!("  Dashboard:   http://{http_addr}/");
-    println!("  API:         http://{http_addr}/v1/devices");
-    println!("  Data dir:    {}", cfg.dev.data_dir.display());
+    say!("iotpipe dev is running.");
+    say!("  MQTT broker: {mqtt_addr}  (publish JSON to {template})");
+    say!("  Dashboard:   http://{http_addr}/");
+    say!("  API:         http://{http_addr}/v1/devices");
+    say!("  Data dir:    {}", cfg.dev.data_dir.display());
     info!(mqtt = %mqtt_addr, http = %http_addr, "iotpipe dev started.");
 
     tokio::select! {
