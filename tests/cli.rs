@@ -125,7 +125,14 @@ fn a_closed_stdout_does_not_take_dev_down() {
     let http = format!("127.0.0.1:{}", common::free_port());
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_iotpipe"))
-        .args(["dev", "--mqtt-listen", "127.0.0.1:0", "--http-listen", &http, "--data-dir"])
+        .args([
+            "dev",
+            "--mqtt-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            &http,
+            "--data-dir",
+        ])
         .arg(dir.path())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -134,14 +141,19 @@ fn a_closed_stdout_does_not_take_dev_down() {
     {
         // Read one line, then close our end while iotpipe still has lines to print.
         let mut first = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
     let addr: std::net::SocketAddr = http.parse().unwrap();
     let mut healthy = false;
     for _ in 0..100 {
         std::thread::sleep(std::time::Duration::from_millis(50));
-        assert!(child.try_wait().unwrap().is_none(), "iotpipe dev died after its stdout closed");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "iotpipe dev died after its stdout closed"
+        );
         if rt.block_on(common::http_get_opt(addr, "/readyz")) == Some(200) {
             healthy = true;
             break;

@@ -84,7 +84,9 @@ async fn mqtt_to_websocket_and_rest_survives_restart() {
     // The dashboard is served at / and subscribes over the same WebSocket endpoint.
     let (status, page) = dev.get("/").await;
     assert_eq!(status, 200);
-    assert!(page.as_str().is_some_and(|p| p.contains("/v1/ws") && p.contains("devices: ['*']")));
+    assert!(page
+        .as_str()
+        .is_some_and(|p| p.contains("/v1/ws") && p.contains("devices: ['*']")));
     let (_, metrics) = dev.get("/metrics").await;
     let metrics = metrics.as_str().unwrap_or_default().to_owned();
     for line in [
