@@ -282,7 +282,15 @@ fn main() {
         let sent_before = sent.load(Ordering::Relaxed);
         let cpu_before = server.as_ref().and_then(|s| proc_stats(s.child.id()));
         let t0 = Instant::now();
-        tokio::time::sleep(Duration::from_secs(args.duration)).await;
+        // Sample the server's RSS every 5 s: growth over a long run shows up here.
+        let mut rss_samples = Vec::new();
+        while t0.elapsed() < Duration::from_secs(args.duration) {
+            let left = Duration::from_secs(args.duration).saturating_sub(t0.elapsed());
+            tokio::time::sleep(left.min(Duration::from_secs(5))).await;
+            if let Some((_, rss)) = server.as_ref().and_then(|s| proc_stats(s.child.id())) {
+                rss_samples.push(rss / 1024);
+            }
+        }
         let elapsed = t0.elapsed().as_secs_f64();
         let sent_measured = sent.load(Ordering::Relaxed) - sent_before;
         let cpu_after = server.as_ref().and_then(|s| proc_stats(s.child.id()));
@@ -314,7 +322,11 @@ fn main() {
             "latency_ms": {"p50": ms(0.5), "p95": ms(0.95), "p99": ms(0.99), "max": hist.max() as f64 / 1000.0, "samples": hist.len()},
         });
         if let (Some((c0, _)), Some((c1, rss))) = (cpu_before, cpu_after) {
-            report["server"] = json!({"cpu_cores_used": ((c1 - c0) / elapsed * 100.0).round() / 100.0, "rss_mib": rss / 1024});
+            report["server"] = json!({
+                "cpu_cores_used": ((c1 - c0) / elapsed * 100.0).round() / 100.0,
+                "rss_mib": rss / 1024,
+                "rss_mib_every_5s": rss_samples,
+            });
         }
         report
     });

@@ -46,8 +46,13 @@ pub async fn start_rumqttd(max_payload: usize) -> anyhow::Result<SocketAddr> {
         router: rumqttd::RouterConfig {
             max_connections: 100_000,
             max_outgoing_packet_count: 1000,
-            max_segment_size: 64 * 1024 * 1024,
-            max_segment_count: 10,
+            // rumqttd keeps every accepted message in an in-memory commit log until it falls out
+            // of these segments. Their size counts payload bytes only; with its per-message
+            // overhead 8 x 4 MiB holds about 400,000 small messages in ~150 MiB: 20 s of backlog
+            // at 20,000 msg/s for ingest to catch up after a stall. (Larger segments grew the
+            // process by 600 MiB under sustained load; docs/BENCHMARKS.md.)
+            max_segment_size: 4 * 1024 * 1024,
+            max_segment_count: 8,
             ..Default::default()
         },
         v4: Some(v4),

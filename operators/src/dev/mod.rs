@@ -34,7 +34,7 @@ use iotpipe_rules::NoRules;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::config::{Config, DEFAULT_HTTP_LISTEN, DEFAULT_MQTT_LISTEN};
 use crate::dead_letters::DeadLetters;
@@ -110,14 +110,17 @@ fn spawn_op<O: Operator>(
     metrics: Arc<Metrics>,
     fatal: CancellationToken,
 ) -> OpTask {
-    tokio::spawn(async move {
-        let r = run_operator(consumer, &mut op, cfg, token, metrics).await;
-        if let Err(e) = &r {
-            error!(operator = name, error = %e, "Operator failed; shutting down.");
-            fatal.cancel();
+    tokio::spawn(
+        async move {
+            let r = run_operator(consumer, &mut op, cfg, token, metrics).await;
+            if let Err(e) = &r {
+                error!(operator = name, error = %e, "Operator failed; shutting down.");
+                fatal.cancel();
+            }
+            r
         }
-        r
-    })
+        .instrument(info_span!("operator", name)),
+    )
 }
 
 async fn join_all(tasks: Vec<OpTask>) -> bool {

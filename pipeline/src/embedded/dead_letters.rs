@@ -27,7 +27,7 @@ impl RedbDeadLetters {
     /// # Errors
     /// [`StoreError`] when the file cannot be opened.
     pub fn open(path: &Path, keep: u64) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(unavailable)?;
+        let db = super::open_db(path, 4 << 20)?;
         let tx = db.begin_write().map_err(unavailable)?;
         let next = {
             let t = tx.open_table(TABLE).map_err(unavailable)?;

@@ -56,7 +56,7 @@ impl RedbHistory {
     /// # Errors
     /// [`StoreError`] when the file cannot be opened.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(unavailable)?;
+        let db = super::open_db(path, 64 << 20)?;
         let tx = db.begin_write().map_err(unavailable)?;
         tx.open_table(TABLE).map_err(unavailable)?;
         tx.commit().map_err(unavailable)?;

@@ -18,6 +18,16 @@ pub use mem_log::MemLog;
 
 use crate::store::StoreError;
 
+/// Opens a redb file with a bounded page cache. redb's default cache is 1 GiB per database, which
+/// on a busy history file grows the process by that much; the latest store keeps its own copy in
+/// memory and the history is mostly written, so a small cache loses little.
+fn open_db(path: &std::path::Path, cache_bytes: usize) -> Result<redb::Database, StoreError> {
+    redb::Database::builder()
+        .set_cache_size(cache_bytes)
+        .create(path)
+        .map_err(unavailable)
+}
+
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
