@@ -2,9 +2,10 @@
 # Runs every test of iotpipe: formatting, lints, unit, property and integration tests.
 #
 # It installs what the tests need and starts what they talk to, so it passes on a fresh machine
-# with only a Rust toolchain. Step 1 (`iotpipe dev`) needs no external service: the integration
-# tests start the real `iotpipe` binary, which embeds its MQTT broker, log and stores, and talk to
-# it over MQTT, HTTP and WebSocket on loopback ports.
+# with only a Rust toolchain: scripts/services.sh brings up, on loopback, a Kafka-protocol broker
+# (tansu), Redis, Mosquitto, DynamoDB Local and kinesis-mock (installing them where missing and
+# reusing ones already running), and exports their endpoints. The `iotpipe dev` tests need none of
+# them: they start the real binary, which embeds its broker, log and stores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,10 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
+
+log "services"
+scripts/services.sh up
+eval "$(scripts/services.sh env)"
 
 log "format"
 cargo fmt --all -- --check

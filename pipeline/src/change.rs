@@ -183,7 +183,7 @@ pub fn merge(state: &mut LatestState, record: &Record) -> MergeOutcome {
             }
         }
     }
-    if touched || state.fields.is_empty() {
+    if touched || state.ts == i64::MIN {
         state.ts = state.ts.max(record.ts);
     }
     if changes.is_empty() {

@@ -16,6 +16,7 @@
 //! - [`source`]: the [`source::Source`] trait ingest reads from (MQTT now, Kinesis later).
 //! - [`runtime`]: the operator trait and the loops that drive operators and sources.
 //! - [`metrics`]: every Prometheus metric, registered once.
+//! - [`health`]: readiness checks behind `/readyz`.
 //! - [`embedded`]: in-process log and redb-backed stores.
 //! - [`error`]: the error classification shared by all of the above.
 
@@ -23,6 +24,7 @@ pub mod change;
 pub mod dead_letter;
 pub mod embedded;
 pub mod error;
+pub mod health;
 pub mod log;
 pub mod metrics;
 pub mod record;

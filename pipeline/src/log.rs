@@ -121,6 +121,31 @@ pub trait Log: Send + Sync + 'static {
     /// # Errors
     /// [`LogError`] when the topic is unknown or the backend unreachable.
     async fn subscribe(&self, topic: &str, group: &str) -> Result<Box<dyn Consumer>, LogError>;
+
+    /// Like [`Log::subscribe`], but a group without committed offsets starts at `start` instead
+    /// of the earliest record. Fanout instances use [`StartAt::Latest`]: each has its own group,
+    /// and a new instance has no use for old changes (its clients take snapshots).
+    ///
+    /// # Errors
+    /// As for `subscribe`.
+    async fn subscribe_at(
+        &self,
+        topic: &str,
+        group: &str,
+        start: StartAt,
+    ) -> Result<Box<dyn Consumer>, LogError> {
+        let _ = start;
+        self.subscribe(topic, group).await
+    }
+}
+
+/// Where a new consumer group starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    /// At the earliest retained record.
+    Earliest,
+    /// At the end: only records appended from now on.
+    Latest,
 }
 
 /// A member of a consumer group.
@@ -143,6 +168,12 @@ pub trait Consumer: Send {
     /// Records appended but not yet committed by this group, summed over its partitions, when the
     /// backend can tell cheaply.
     fn lag(&self) -> Option<u64> {
+        None
+    }
+
+    /// Whether this member has joined its group and received its assignment (which may be
+    /// empty when there are more members than partitions). `/readyz` waits for it.
+    fn joined(&self) -> Option<std::sync::Arc<std::sync::atomic::AtomicBool>> {
         None
     }
 }

@@ -370,6 +370,9 @@ pub struct IngestRunConfig {
     pub max_batch: usize,
     /// After shutdown began: stop once the source has been idle this long.
     pub drain_idle: Duration,
+    /// On shutdown, drain the source (embedded broker, which does not outlive the process) or
+    /// stop after the current batch (an external broker keeps what was not acknowledged).
+    pub drain_source: bool,
     /// Retry policy for log errors.
     pub backoff: Backoff,
 }
@@ -379,6 +382,7 @@ impl Default for IngestRunConfig {
         Self {
             max_batch: 1000,
             drain_idle: Duration::from_millis(300),
+            drain_source: true,
             backoff: Backoff::default(),
         }
     }
@@ -410,6 +414,12 @@ pub async fn run_ingest(
         let got = tokio::select! {
             biased;
             () = shutdown.cancelled(), if !draining => {
+                if !cfg.drain_source {
+                    // Everything received was appended and acknowledged; what the broker still
+                    // holds stays there for the next ingest.
+                    info!(operator = "ingest", "Stopping; unacknowledged messages stay with the broker.");
+                    break;
+                }
                 info!(operator = "ingest", "Stopping intake and draining the source.");
                 source.stop_intake().await;
                 draining = true;

@@ -157,3 +157,20 @@ pub trait DeadLetterStore: Send + Sync + 'static {
     /// [`StoreError`] when the backend fails.
     async fn recent(&self, limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
 }
+
+/// A small read-through cache for API responses (history pages), shared by fanout instances.
+#[async_trait]
+pub trait PageCache: Send + Sync + 'static {
+    /// The cached value of `key`, if present and fresh.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the cache fails (callers then go to the source).
+    async fn get(&self, key: &str) -> Result<Option<String>, StoreError>;
+
+    /// Stores `value` under `key` for `ttl`.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the cache fails (callers ignore it).
+    async fn put(&self, key: &str, value: &str, ttl: std::time::Duration)
+        -> Result<(), StoreError>;
+}

@@ -18,12 +18,12 @@ pub mod simulate;
 
 use std::io::ErrorKind;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use iotpipe_pipeline::embedded::{MemLog, RedbDeadLetters, RedbHistory, RedbLatest};
+use iotpipe_pipeline::health::Readiness;
 use iotpipe_pipeline::log::Log;
 use iotpipe_pipeline::metrics::Metrics;
 use iotpipe_pipeline::runtime::{
@@ -279,7 +279,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         "topic_template": template.to_string(),
         "subscription_filter": template.subscription_filter(),
     });
-    let ready = Arc::new(AtomicBool::new(false));
+    let ready = Arc::new(Readiness::new());
     let state = AppState {
         latest: latest.clone(),
         history: history.clone(),
@@ -289,6 +289,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         config: cfg.fanout.clone(),
         info: Arc::new(info),
         ready: ready.clone(),
+        history_cache: None,
         shutdown: http_stop.clone(),
     };
     let app = api::router(state);
@@ -351,7 +352,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         ))
     });
 
-    ready.store(true, Ordering::Release);
+    ready.set_started(true);
     say!("iotpipe dev is running.");
     say!("  MQTT broker: {mqtt_addr}  (publish JSON to {template})");
     say!("  Dashboard:   http://{http_addr}/");
@@ -363,7 +364,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         () = shutdown.cancelled() => info!("Shutting down: draining the pipeline."),
         () = fatal.cancelled() => warn!("An operator failed; shutting down."),
     }
-    ready.store(false, Ordering::Release);
+    ready.set_started(false);
     let started = Instant::now();
     let drained = tokio::time::timeout(cfg.dev.shutdown_timeout, async {
         sim_stop.cancel();

@@ -3,7 +3,6 @@
 //! parameters are 400s, never 500s.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Path, Query, Request, State, WebSocketUpgrade};
@@ -12,6 +11,7 @@ use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use iotpipe_pipeline::health::Readiness;
 use iotpipe_pipeline::record::validate_device_id;
 use iotpipe_pipeline::store::{HistoryQuery, Order, StoreError};
 use iotpipe_pipeline::time::parse_ms_or_rfc3339;
@@ -122,10 +122,23 @@ async fn track(State(state): State<AppState>, req: Request, next: Next) -> Respo
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    if state.ready.load(Ordering::Acquire) && !state.shutdown.is_cancelled() {
+    readiness_response(&state.ready, state.shutdown.is_cancelled())
+}
+
+/// 200 `ready`, or 503 naming what is not ready.
+pub fn readiness_response(ready: &Readiness, stopping: bool) -> Response {
+    let mut failing = ready.failing();
+    if stopping {
+        failing.push("shutting down".into());
+    }
+    if failing.is_empty() {
         "ready".into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}", failing.join(", ")),
+        )
+            .into_response()
     }
 }
 
@@ -209,13 +222,24 @@ async fn history(
         }
     };
     let limit = parse_limit(&params, 100, state.config.max_history_limit)?;
+    let cursor = params.get("cursor").cloned();
+    let cache_key = format!(
+        "history:{id}:{from}:{to}:{limit}:{order:?}:{}",
+        cursor.as_deref().unwrap_or("")
+    );
+    if let Some((cache, _)) = &state.history_cache {
+        // A cache failure is not the client's problem: fall through to the store.
+        if let Ok(Some(body)) = cache.get(&cache_key).await {
+            return Ok(json_with_cache(body, Some("HIT")));
+        }
+    }
     let q = HistoryQuery {
         device: id.clone(),
         from,
         to,
         limit,
         order,
-        cursor: params.get("cursor").cloned(),
+        cursor,
     };
     let page = state.history.query(&q).await?;
     let items: Vec<_> = page
@@ -223,10 +247,27 @@ async fn history(
         .into_iter()
         .map(|i| json!({"ts": i.ts, "metrics": i.metrics}))
         .collect();
-    Ok(
-        Json(json!({"device": id, "items": items, "next_cursor": page.next_cursor}))
-            .into_response(),
-    )
+    let body = json!({"device": id, "items": items, "next_cursor": page.next_cursor}).to_string();
+    match &state.history_cache {
+        Some((cache, ttl)) => {
+            if let Err(e) = cache.put(&cache_key, &body, *ttl).await {
+                tracing::debug!(error = %e, "History cache write failed.");
+            }
+            Ok(json_with_cache(body, Some("MISS")))
+        }
+        None => Ok(json_with_cache(body, None)),
+    }
+}
+
+fn json_with_cache(body: String, cache: Option<&'static str>) -> Response {
+    let mut res = ([(header::CONTENT_TYPE, "application/json")], body).into_response();
+    if let Some(c) = cache {
+        res.headers_mut().insert(
+            header::HeaderName::from_static("x-cache"),
+            header::HeaderValue::from_static(c),
+        );
+    }
+    res
 }
 
 async fn dead_letters(

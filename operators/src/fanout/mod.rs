@@ -11,16 +11,16 @@ pub mod ws;
 
 pub use config::FanoutConfig;
 
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use axum::extract::ws::Utf8Bytes;
 use iotpipe_pipeline::change::Change;
+use iotpipe_pipeline::health::Readiness;
 use iotpipe_pipeline::log::LogRecord;
 use iotpipe_pipeline::metrics::Metrics;
 use iotpipe_pipeline::runtime::{Operator, OperatorError};
-use iotpipe_pipeline::store::{DeadLetterStore, HistoryStore, LatestStore};
+use iotpipe_pipeline::store::{DeadLetterStore, HistoryStore, LatestStore, PageCache};
 use iotpipe_rules::Alert;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -44,8 +44,10 @@ pub struct AppState {
     pub config: FanoutConfig,
     /// What `GET /v1/info` returns.
     pub info: Arc<serde_json::Value>,
-    /// Set once every operator runs; `/readyz` answers 200 only then.
-    pub ready: Arc<AtomicBool>,
+    /// `/readyz` answers 200 only when this says ready.
+    pub ready: Arc<Readiness>,
+    /// Read-through cache for history pages (Redis in distributed mode), and its TTL.
+    pub history_cache: Option<(Arc<dyn PageCache>, std::time::Duration)>,
     /// Cancelled at shutdown: connections close with 1001.
     pub shutdown: CancellationToken,
 }

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 
-use crate::log::{partition_for, Consumer, Log, LogError, LogRecord, Produce};
+use crate::log::{partition_for, Consumer, Log, LogError, LogRecord, Produce, StartAt};
 
 /// The in-process log.
 pub struct MemLog {
@@ -143,14 +143,26 @@ impl Log for MemLog {
     }
 
     async fn subscribe(&self, topic: &str, group: &str) -> Result<Box<dyn Consumer>, LogError> {
+        self.subscribe_at(topic, group, StartAt::Earliest).await
+    }
+
+    async fn subscribe_at(
+        &self,
+        topic: &str,
+        group: &str,
+        start: StartAt,
+    ) -> Result<Box<dyn Consumer>, LogError> {
         let t = self.topic(topic)?;
         let positions = t
             .parts
             .iter()
             .map(|p| {
                 let mut p = p.lock();
-                let base = p.base;
-                *p.groups.entry(group.to_owned()).or_insert(base)
+                let at = match start {
+                    StartAt::Earliest => p.base,
+                    StartAt::Latest => p.end(),
+                };
+                *p.groups.entry(group.to_owned()).or_insert(at)
             })
             .collect();
         Ok(Box::new(MemConsumer {
