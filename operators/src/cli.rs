@@ -10,10 +10,15 @@ use tracing::warn;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{Config, TEMPLATE};
+use crate::distributed::Role;
 
 /// iotpipe: event-driven stream processing for IoT telemetry.
 #[derive(Debug, Parser)]
-#[command(name = "iotpipe", version, about)]
+#[command(
+    name = "iotpipe",
+    version,
+    about = "iotpipe: event-driven stream processing for IoT telemetry"
+)]
 struct Cli {
     /// Log output format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
@@ -37,6 +42,18 @@ enum LogFormat {
 enum Command {
     /// Run the whole pipeline in one process: embedded MQTT broker, log and stores, HTTP + WebSocket.
     Dev(DevArgs),
+    /// Distributed mode: read device messages from the MQTT broker (`ingest.broker`) into Kafka.
+    Ingest(ProcessArgs),
+    /// Distributed mode: merge telemetry into latest state in Redis and emit changes.
+    Materialize(ProcessArgs),
+    /// Distributed mode: write telemetry history to DynamoDB (`history init` creates the table).
+    History(HistoryArgs),
+    /// Distributed mode: evaluate subscription rules and emit alerts.
+    Rules(ProcessArgs),
+    /// Distributed mode: HTTP API, WebSocket push and dashboard.
+    Fanout(ProcessArgs),
+    /// Distributed mode: every operator in one process.
+    All(ProcessArgs),
     /// Show or generate the configuration.
     Config {
         #[command(subcommand)]
@@ -61,6 +78,35 @@ struct DevArgs {
     /// Simulate N devices publishing telemetry over MQTT.
     #[arg(long, value_name = "N")]
     simulate: Option<u32>,
+}
+
+#[derive(Debug, clap::Args)]
+struct ProcessArgs {
+    /// Configuration file (TOML).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// HTTP listen address (health, readiness, metrics; API on fanout) [default: server.http_listen].
+    #[arg(long, value_name = "ADDR")]
+    http_listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct HistoryArgs {
+    #[command(flatten)]
+    process: ProcessArgs,
+    #[command(subcommand)]
+    action: Option<HistoryAction>,
+}
+
+#[derive(Debug, Subcommand)]
+enum HistoryAction {
+    /// Create the DynamoDB table, its TTL and the by-owner index (idempotent).
+    Init {
+        /// Configuration file (TOML).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -172,6 +218,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
         },
+        Command::History(HistoryArgs {
+            action: Some(HistoryAction::Init { config }),
+            ..
+        }) => {
+            let cfg = load(config.as_deref())?;
+            init_logging(cli.log_format, &cli.log_level);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(crate::distributed::history_init(&cfg))
+        }
+        Command::Ingest(a) => run_process(Role::Ingest, a, cli.log_format, &cli.log_level),
+        Command::Materialize(a) => {
+            run_process(Role::Materialize, a, cli.log_format, &cli.log_level)
+        }
+        Command::History(HistoryArgs {
+            process,
+            action: None,
+        }) => run_process(Role::History, process, cli.log_format, &cli.log_level),
+        Command::Rules(a) => run_process(Role::Rules, a, cli.log_format, &cli.log_level),
+        Command::Fanout(a) => run_process(Role::Fanout, a, cli.log_format, &cli.log_level),
+        Command::All(a) => run_process(Role::All, a, cli.log_format, &cli.log_level),
         Command::Dev(args) => {
             let mut cfg = load(args.config.as_deref())?;
             if let Some(a) = args.mqtt_listen {
@@ -197,4 +265,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
     }
+}
+
+fn run_process(
+    role: Role,
+    args: ProcessArgs,
+    format: LogFormat,
+    level: &str,
+) -> anyhow::Result<()> {
+    let cfg = load(args.config.as_deref())?;
+    init_logging(format, level);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let shutdown = shutdown_on_signals();
+        crate::distributed::run(role, cfg, args.http_listen, shutdown).await
+    })
 }

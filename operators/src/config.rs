@@ -18,6 +18,10 @@ use iotpipe_pipeline::log::Topics;
 use iotpipe_pipeline::record::Limits;
 use serde::{Deserialize, Serialize};
 
+use iotpipe_dynamodb::DynamoConfig;
+use iotpipe_kafka::KafkaConfig;
+use iotpipe_redis::RedisConfig;
+
 use crate::dead_letters::DeadLettersConfig;
 use crate::fanout::FanoutConfig;
 use crate::history::HistoryConfig;
@@ -47,6 +51,43 @@ pub struct Config {
     pub dead_letters: DeadLettersConfig,
     /// The fanout service: HTTP API and WebSocket push.
     pub fanout: FanoutConfig,
+    /// Distributed mode: the process's HTTP endpoint, identity and drain.
+    pub server: ServerConfig,
+    /// Distributed mode: the Kafka log.
+    pub kafka: KafkaConfig,
+    /// Distributed mode: Redis (latest state, dead letters, history cache).
+    pub redis: RedisConfig,
+    /// Distributed mode: the DynamoDB history table.
+    pub dynamodb: DynamoConfig,
+}
+
+/// Settings of a distributed-mode process (`iotpipe ingest|materialize|history|rules|fanout|all`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// HTTP address: `/healthz`, `/readyz`, `/metrics` on every process, plus the API, WebSocket
+    /// and dashboard on `fanout` and `all`.
+    pub http_listen: SocketAddr,
+    /// Name of this instance (each fanout instance consumes all changes in its own consumer
+    /// group, named after it). Unset: `$HOSTNAME` (the pod name in Kubernetes), else a random id.
+    pub instance_id: Option<String>,
+    /// How long fanout caches a history page in Redis (`X-Cache: HIT|MISS`).
+    #[serde(with = "humantime_serde")]
+    pub history_cache_ttl: Duration,
+    /// Longest a graceful shutdown may take before the process exits anyway.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            instance_id: None,
+            history_cache_ttl: Duration::from_secs(30),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// Settings of `iotpipe dev`.

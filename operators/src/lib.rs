@@ -11,6 +11,7 @@
 //! - [`dead_letters`]: keeps the recent dead letters for the API.
 //! - [`fanout`]: the HTTP API, the WebSocket push hub, and the built-in dashboard.
 //! - [`dev`]: `iotpipe dev`, the whole pipeline in one process with an embedded MQTT broker.
+//! - [`distributed`]: one process per operator (or `all`) on Kafka, Redis and DynamoDB.
 //! - [`config`]: the configuration file, its layering, validation and generated template.
 //! - [`cli`]: the `iotpipe` command line.
 
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod dead_letters;
 pub mod dev;
+pub mod distributed;
 pub mod fanout;
 pub mod history;
 pub mod ingest;

@@ -289,3 +289,158 @@ pub async fn http_get_opt(addr: SocketAddr, path: &str) -> Option<u16> {
         .parse()
         .ok()
 }
+
+/// `GET path`: status, lowercase header map, JSON body.
+pub async fn http_get_full(
+    addr: SocketAddr,
+    path: &str,
+) -> (u16, std::collections::HashMap<String, String>, Value) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    (
+        status,
+        headers,
+        serde_json::from_str(body).unwrap_or(Value::String(body.to_owned())),
+    )
+}
+
+/// A running `iotpipe` process of any command, with its stdout lines and log file.
+pub struct Proc {
+    child: Option<Child>,
+    pub log_path: PathBuf,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Proc {
+    /// Starts `iotpipe args...`, logging to `log_path`.
+    pub fn spawn(args: &[&str], log_path: &Path) -> Self {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path)
+            .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_iotpipe"))
+            .args(args)
+            .env("RUST_LOG", "info,rumqttd=off,librdkafka=warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start iotpipe");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Self {
+            child: Some(child),
+            log_path: log_path.to_owned(),
+            lines,
+        }
+    }
+
+    /// Waits for a stdout line containing `marker` and returns the first address in it.
+    pub fn wait_for_addr(&mut self, marker: &str) -> SocketAddr {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no `{marker}` line; log:\n{}", self.log()));
+            if line.contains(marker) {
+                if let Some(a) = line.split_whitespace().find_map(|w| {
+                    w.trim_start_matches("http://")
+                        .trim_end_matches(['/', '.', ','])
+                        .trim_end_matches('/')
+                        .parse()
+                        .ok()
+                }) {
+                    return a;
+                }
+            }
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// SIGTERM, then waits for a successful exit.
+    pub fn stop(mut self) {
+        let mut child = self.child.take().unwrap();
+        assert!(Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success());
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                assert!(s.success(), "iotpipe exited with {s}; log:\n{}", self.log());
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "iotpipe did not stop in time; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Polls `GET path` on `addr` until `pred` holds (30 s).
+pub async fn wait_until(addr: SocketAddr, path: &str, pred: impl Fn(u16, &Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = match http_get_opt(addr, path).await {
+            Some(_) => http_get(addr, path).await,
+            None => (0, Value::Null),
+        };
+        if pred(status, &body) {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "GET {path} never satisfied the condition; last: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Connects a WebSocket client to `addr`.
+pub async fn ws_connect(addr: SocketAddr) -> Ws {
+    let (stream, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws"))
+        .await
+        .unwrap();
+    Ws { stream }
+}

@@ -48,6 +48,8 @@ pub struct KafkaConfig {
     pub brokers: String,
     /// Client id prefix (the operator name is appended).
     pub client_id: String,
+    /// Prefix of every consumer group name, so several deployments can share a cluster.
+    pub group_prefix: String,
     /// How long the producer waits to fill a batch before sending.
     #[serde(with = "humantime_serde")]
     pub linger: Duration,
@@ -75,6 +77,7 @@ impl Default for KafkaConfig {
         Self {
             brokers: "127.0.0.1:9092".into(),
             client_id: "iotpipe".into(),
+            group_prefix: "iotpipe.".into(),
             linger: Duration::from_millis(5),
             batch_messages: 10_000,
             session_timeout: Duration::from_secs(10),
@@ -200,6 +203,11 @@ impl KafkaLog {
         .await
         .map_err(|e| LogError::Unavailable(e.to_string()))?
         .map_err(|e| LogError::Unavailable(e.to_string()))
+    }
+
+    /// The full name of consumer group `name` (with the configured prefix).
+    pub fn group(&self, name: &str) -> String {
+        format!("{}{name}", self.cfg.group_prefix)
     }
 
     /// Waits until every message handed to the producer was delivered or failed.

@@ -1,0 +1,491 @@
+//! Distributed mode: each operator as its own process (`iotpipe ingest|materialize|history|rules|
+//! fanout`), or all of them in one (`iotpipe all`), on Kafka, Redis and DynamoDB.
+//!
+//! The operators are the same ones `iotpipe dev` runs; only the backends differ. N copies of an
+//! operator share the telemetry partitions through their consumer group; every fanout instance
+//! consumes the whole changes topic in a group of its own, because any dashboard may be connected
+//! to any instance.
+//!
+//! Every process serves `/healthz`, `/readyz` (ready only while its backends answer and its
+//! consumers have joined their groups) and `/metrics`. On SIGTERM it becomes not-ready, stops
+//! ingest (what the MQTT broker still holds stays there for the next ingest), lets each operator
+//! finish and commit its current batch (what is left stays in Kafka for the partition's next
+//! owner), flushes the producer, closes WebSockets with 1001 and exits — within
+//! `server.shutdown_timeout`; a second signal exits at once.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use axum::routing::get;
+use axum::Router;
+use iotpipe_dynamodb::DynamoHistory;
+use iotpipe_kafka::KafkaLog;
+use iotpipe_pipeline::health::Readiness;
+use iotpipe_pipeline::log::{Consumer, Log, StartAt};
+use iotpipe_pipeline::metrics::Metrics;
+use iotpipe_pipeline::runtime::{
+    run_ingest, run_operator, Drain, IngestRunConfig, Operator, OperatorError, RunConfig,
+};
+use iotpipe_redis::{RedisDeadLetters, RedisLatest, RedisPageCache};
+use iotpipe_rules::NoRules;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, info_span, warn, Instrument};
+
+use crate::config::Config;
+use crate::dead_letters::DeadLetters;
+use crate::fanout::hub::Hub;
+use crate::fanout::{api, AppState, FanoutAlerts, FanoutChanges};
+use crate::history::History;
+use crate::ingest::MqttSource;
+use crate::materialize::Materialize;
+use crate::rules::Rules;
+
+/// Which operators a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// MQTT -> Kafka.
+    Ingest,
+    /// Kafka -> Redis latest state + changes.
+    Materialize,
+    /// Kafka -> DynamoDB history.
+    History,
+    /// Kafka -> rules -> alerts.
+    Rules,
+    /// Changes and alerts -> WebSocket; the HTTP API.
+    Fanout,
+    /// Every operator in one process.
+    All,
+}
+
+impl Role {
+    /// The role's name (command and metric label).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ingest => "ingest",
+            Self::Materialize => "materialize",
+            Self::History => "history",
+            Self::Rules => "rules",
+            Self::Fanout => "fanout",
+            Self::All => "all",
+        }
+    }
+
+    fn runs(self, op: Role, cfg: &Config) -> bool {
+        match self {
+            // In `all`, rules run only when enabled; `iotpipe rules` runs them regardless.
+            Self::All => op != Self::Rules || cfg.rules.enabled,
+            r => r == op,
+        }
+    }
+}
+
+type OpTask = JoinHandle<Result<(), OperatorError>>;
+
+fn instance_id(cfg: &Config) -> String {
+    cfg.server
+        .instance_id
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+        .unwrap_or_else(|| {
+            format!(
+                "{}-{:x}",
+                std::process::id(),
+                iotpipe_pipeline::time::arrival_ns() & 0xffff_ffff
+            )
+        })
+}
+
+/// Polls `check` every 5 s and keeps `flag` set while it succeeds.
+fn watch<F, Fut>(name: &'static str, flag: Arc<AtomicBool>, stop: CancellationToken, check: F)
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
+{
+    tokio::spawn(async move {
+        loop {
+            let ok = match tokio::time::timeout(Duration::from_secs(5), check()).await {
+                Ok(Ok(())) => true,
+                Ok(Err(e)) => {
+                    warn!(backend = name, error = %e, "Backend check failed.");
+                    false
+                }
+                Err(_) => {
+                    warn!(backend = name, "Backend check timed out.");
+                    false
+                }
+            };
+            flag.store(ok, Ordering::Release);
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+    });
+}
+
+struct Spawner {
+    metrics: Arc<Metrics>,
+    ready: Arc<Readiness>,
+    stop: CancellationToken,
+    fatal: CancellationToken,
+    tasks: Vec<OpTask>,
+}
+
+impl Spawner {
+    fn spawn<O: Operator>(
+        &mut self,
+        name: &'static str,
+        consumer: Box<dyn Consumer>,
+        mut op: O,
+        max_batch: usize,
+    ) {
+        if let Some(joined) = consumer.joined() {
+            self.ready.add(format!("{name} consumer group"), joined);
+        }
+        let cfg = RunConfig {
+            max_batch,
+            drain: Drain::Immediate,
+            ..RunConfig::default()
+        };
+        let (stop, metrics, fatal) = (self.stop.clone(), self.metrics.clone(), self.fatal.clone());
+        self.tasks.push(tokio::spawn(
+            async move {
+                let r = run_operator(consumer, &mut op, cfg, stop, metrics).await;
+                if let Err(e) = &r {
+                    error!(operator = name, error = %e, "Operator failed; shutting down.");
+                    fatal.cancel();
+                }
+                r
+            }
+            .instrument(info_span!("operator", name)),
+        ));
+    }
+}
+
+/// Creates the DynamoDB history table, its TTL and index (`iotpipe history init`).
+///
+/// # Errors
+/// When DynamoDB refuses.
+pub async fn history_init(cfg: &Config) -> anyhow::Result<()> {
+    let store = DynamoHistory::connect(&cfg.dynamodb).await;
+    store.init_table().await?;
+    println!("History table `{}` is ready.", cfg.dynamodb.table);
+    Ok(())
+}
+
+/// Runs `role` until `shutdown` is cancelled, then drains and returns.
+///
+/// # Errors
+/// Start-up failures (unreachable backends, a taken port) and a failed operator.
+#[allow(clippy::too_many_lines)]
+pub async fn run(
+    role: Role,
+    cfg: Config,
+    http_listen: Option<std::net::SocketAddr>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let ready = Arc::new(Readiness::new());
+    let topics = cfg.topics.clone();
+    let checks_stop = CancellationToken::new();
+
+    let kafka = Arc::new(KafkaLog::new(&cfg.kafka, role.name())?);
+    if cfg.kafka.create_topics {
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            kafka.ensure_topics(&[
+                &topics.telemetry,
+                &topics.changes,
+                &topics.alerts,
+                &topics.dead_letters,
+            ]),
+        )
+        .await
+        .map_err(|_| anyhow!("Kafka at {} did not answer within 30 s", cfg.kafka.brokers))??;
+    }
+    let kafka_ok = Arc::new(AtomicBool::new(true));
+    ready.add("kafka", kafka_ok.clone());
+    let k = kafka.clone();
+    watch("kafka", kafka_ok, checks_stop.clone(), move || {
+        let k = k.clone();
+        async move { k.ping().await.map_err(|e| e.to_string()) }
+    });
+    let log: Arc<dyn Log> = kafka.clone();
+
+    let needs_redis = role.runs(Role::Materialize, &cfg) || role.runs(Role::Fanout, &cfg);
+    let needs_dynamo = role.runs(Role::History, &cfg) || role.runs(Role::Fanout, &cfg);
+    let latest = if needs_redis {
+        let l = Arc::new(
+            RedisLatest::connect(&cfg.redis)
+                .await
+                .with_context(|| "Redis (redis.url)")?,
+        );
+        let ok = Arc::new(AtomicBool::new(true));
+        ready.add("redis", ok.clone());
+        let l2 = l.clone();
+        watch("redis", ok, checks_stop.clone(), move || {
+            let l = l2.clone();
+            async move { l.ping().await.map_err(|e| e.to_string()) }
+        });
+        Some(l)
+    } else {
+        None
+    };
+    let history = if needs_dynamo {
+        let h = Arc::new(DynamoHistory::connect(&cfg.dynamodb).await);
+        h.ping().await.with_context(|| {
+            format!(
+                "DynamoDB table `{}` (run `iotpipe history init`)",
+                cfg.dynamodb.table
+            )
+        })?;
+        let ok = Arc::new(AtomicBool::new(true));
+        ready.add("dynamodb", ok.clone());
+        let h2 = h.clone();
+        watch("dynamodb", ok, checks_stop.clone(), move || {
+            let h = h2.clone();
+            async move { h.ping().await.map_err(|e| e.to_string()) }
+        });
+        Some(h)
+    } else {
+        None
+    };
+
+    let fatal = CancellationToken::new();
+    let ops_stop = CancellationToken::new();
+    let mut ops = Spawner {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+        stop: ops_stop.clone(),
+        fatal: fatal.clone(),
+        tasks: Vec::new(),
+    };
+
+    if let (true, Some(latest)) = (role.runs(Role::Materialize, &cfg), &latest) {
+        let c = log
+            .subscribe(&topics.telemetry, &kafka.group("materialize"))
+            .await?;
+        ops.spawn(
+            "materialize",
+            c,
+            Materialize::new(latest.clone(), log.clone(), topics.clone(), metrics.clone()),
+            cfg.materialize.max_batch,
+        );
+    }
+    if let (true, Some(history)) = (role.runs(Role::History, &cfg), &history) {
+        let c = log
+            .subscribe(&topics.telemetry, &kafka.group("history"))
+            .await?;
+        ops.spawn(
+            "history",
+            c,
+            History::new(
+                history.clone(),
+                log.clone(),
+                topics.clone(),
+                metrics.clone(),
+            ),
+            cfg.history.max_batch,
+        );
+    }
+    if role.runs(Role::Rules, &cfg) {
+        let c = log
+            .subscribe(&topics.telemetry, &kafka.group("rules"))
+            .await?;
+        ops.spawn(
+            "rules",
+            c,
+            Rules::new(
+                Arc::new(NoRules),
+                log.clone(),
+                topics.clone(),
+                metrics.clone(),
+            ),
+            cfg.rules.max_batch,
+        );
+    }
+
+    let http_stop = CancellationToken::new();
+    let listen = http_listen.unwrap_or(cfg.server.http_listen);
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow!("--http-listen {listen}: {e}"))?;
+    let http_addr = listener.local_addr()?;
+    let mut hub_for_close = None;
+    let app = if let (true, Some(latest), Some(history)) =
+        (role.runs(Role::Fanout, &cfg), &latest, &history)
+    {
+        let instance = instance_id(&cfg);
+        let hub = Arc::new(Hub::new(cfg.fanout.queue_capacity, metrics.clone()));
+        let c = log
+            .subscribe_at(
+                &topics.changes,
+                &kafka.group(&format!("fanout-{instance}")),
+                StartAt::Latest,
+            )
+            .await?;
+        ops.spawn("fanout", c, FanoutChanges::new(hub.clone()), 1000);
+        let c = log
+            .subscribe_at(
+                &topics.alerts,
+                &kafka.group(&format!("fanout-alerts-{instance}")),
+                StartAt::Latest,
+            )
+            .await?;
+        ops.spawn("fanout_alerts", c, FanoutAlerts::new(hub.clone()), 1000);
+        // One shared group: each dead letter is kept once, whichever instance reads it.
+        let dead = Arc::new(RedisDeadLetters::connect(&cfg.redis).await?);
+        let c = log
+            .subscribe(&topics.dead_letters, &kafka.group("dead_letters"))
+            .await?;
+        ops.spawn("dead_letters", c, DeadLetters::new(dead.clone()), 1000);
+        let cache = Arc::new(RedisPageCache::connect(&cfg.redis).await?);
+        info!(instance = %instance, "Fanout instance.");
+        hub_for_close = Some(hub.clone());
+        let info = serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "mode": role.name(),
+            "instance": instance,
+            "http": http_addr.to_string(),
+            "topic_template": cfg.ingest.topic_template,
+        });
+        api::router(AppState {
+            latest: latest.clone(),
+            history: history.clone(),
+            dead_letters: dead,
+            hub,
+            metrics: metrics.clone(),
+            config: cfg.fanout.clone(),
+            info: Arc::new(info),
+            ready: ready.clone(),
+            history_cache: Some((cache, cfg.server.history_cache_ttl)),
+            shutdown: http_stop.clone(),
+        })
+    } else {
+        let (r, m, s) = (ready.clone(), metrics.clone(), http_stop.clone());
+        Router::new()
+            .route("/healthz", get(|| async { "ok" }))
+            .route(
+                "/readyz",
+                get(move || async move { api::readiness_response(&r, s.is_cancelled()) }),
+            )
+            .route(
+                "/metrics",
+                get(move || async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
+                        m.render(),
+                    )
+                }),
+            )
+    };
+    let http_token = http_stop.clone();
+    let http_task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(http_token.cancelled_owned())
+            .await
+    });
+
+    let ingest_stop = CancellationToken::new();
+    let ingest_task: Option<OpTask> = if role.runs(Role::Ingest, &cfg) {
+        let (host, port) = cfg
+            .ingest
+            .broker
+            .rsplit_once(':')
+            .and_then(|(h, p)| p.parse::<u16>().ok().map(|p| (h.to_owned(), p)))
+            .ok_or_else(|| {
+                anyhow!(
+                    "ingest.broker must be host:port, got `{}`",
+                    cfg.ingest.broker
+                )
+            })?;
+        let max_packet = (cfg.limits.max_payload_bytes * 4).max(1 << 20);
+        let mut source = MqttSource::connect(&host, port, &cfg.ingest, max_packet)?;
+        let run_cfg = IngestRunConfig {
+            max_batch: cfg.ingest.max_batch,
+            drain_source: false,
+            ..IngestRunConfig::default()
+        };
+        let (log, topics, limits, metrics, stop, fatal) = (
+            log.clone(),
+            topics.clone(),
+            cfg.limits.clone(),
+            metrics.clone(),
+            ingest_stop.clone(),
+            fatal.clone(),
+        );
+        Some(tokio::spawn(
+            async move {
+                let r =
+                    run_ingest(&mut source, log, &topics, &limits, run_cfg, stop, metrics).await;
+                source.close().await;
+                if let Err(e) = &r {
+                    error!(error = %e, "Ingest failed; shutting down.");
+                    fatal.cancel();
+                }
+                r
+            }
+            .instrument(info_span!("operator", name = "ingest")),
+        ))
+    } else {
+        None
+    };
+
+    ready.set_started(true);
+    println!(
+        "iotpipe {} is running; HTTP on http://{http_addr}/ (healthz, readyz, metrics).",
+        role.name()
+    );
+    info!(role = role.name(), http = %http_addr, "Started.");
+
+    tokio::select! {
+        () = shutdown.cancelled() => info!("Shutting down."),
+        () = fatal.cancelled() => warn!("An operator failed; shutting down."),
+    }
+    ready.set_started(false);
+    let started = Instant::now();
+    let drained = tokio::time::timeout(cfg.server.shutdown_timeout, async {
+        let mut ok = true;
+        ingest_stop.cancel();
+        if let Some(t) = ingest_task {
+            ok &= matches!(t.await, Ok(Ok(())));
+        }
+        ops_stop.cancel();
+        for t in ops.tasks {
+            ok &= matches!(t.await, Ok(Ok(())));
+        }
+        let k = kafka.clone();
+        let _ = tokio::task::spawn_blocking(move || k.flush(Duration::from_secs(10))).await;
+        http_stop.cancel();
+        if let Some(hub) = hub_for_close {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while hub.connections() > 0 && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        let _ = http_task.await;
+        ok
+    })
+    .await;
+    checks_stop.cancel();
+    match drained {
+        Ok(true) if !fatal.is_cancelled() => {
+            info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "Stopped cleanly."
+            );
+            Ok(())
+        }
+        Ok(_) => Err(anyhow!("an operator failed; see the log above")),
+        Err(_) => Err(anyhow!(
+            "shutdown did not finish within {:?}; exiting anyway",
+            cfg.server.shutdown_timeout
+        )),
+    }
+}

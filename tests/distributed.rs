@@ -1,0 +1,234 @@
+//! Distributed mode end to end, against the real services `scripts/services.sh up` starts: tansu
+//! (Kafka protocol), Redis, Mosquitto and DynamoDB Local. Endpoints come from `IOTPIPE_TEST_*`
+//! variables with loopback defaults; every test uses its own topics, key prefix, table, MQTT topic
+//! prefix and client ids, so runs can share the services.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{http_get_full, wait_until, ws_connect, Proc, Publisher};
+use serde_json::json;
+
+fn env(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+/// A config file whose every name is unique to this test run.
+fn write_config(dir: &Path, name: &str) -> (std::path::PathBuf, String) {
+    let u = format!(
+        "{name}{}x{}",
+        std::process::id(),
+        iotpipe_pipeline::time::now_ms()
+    );
+    let mqtt = env("IOTPIPE_TEST_MQTT", "127.0.0.1:1883");
+    let prefix = format!("it{u}");
+    let text = format!(
+        r#"
+[topics]
+telemetry = "{u}.telemetry"
+changes = "{u}.changes"
+alerts = "{u}.alerts"
+dead_letters = "{u}.dlq"
+
+[ingest]
+broker = "{mqtt}"
+topic_template = "{prefix}/{{device_id}}/telemetry"
+client_id = "ingest-{u}"
+
+[server]
+http_listen = "127.0.0.1:0"
+history_cache_ttl = "30s"
+
+[kafka]
+brokers = "{kafka}"
+group_prefix = "{u}."
+client_id = "c{u}"
+session_timeout = "6s"
+max_poll_interval = "6s"
+partitions = 3
+
+[redis]
+url = "{redis}"
+key_prefix = "{u}:"
+
+[dynamodb]
+table = "t{u}"
+endpoint = "{dynamo}"
+region = "us-east-1"
+"#,
+        kafka = env("IOTPIPE_TEST_KAFKA", "127.0.0.1:9092"),
+        redis = env("IOTPIPE_TEST_REDIS", "redis://127.0.0.1:6379"),
+        dynamo = env("IOTPIPE_TEST_DYNAMODB", "http://127.0.0.1:8000"),
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    (path, prefix)
+}
+
+fn aws_test_credentials() {
+    for (k, v) in [
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_REGION", "us-east-1"),
+    ] {
+        if std::env::var_os(k).is_none() {
+            std::env::set_var(k, v);
+        }
+    }
+}
+
+fn history_init(config: &Path, dir: &Path) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_iotpipe"))
+        .args(["history", "init", "--config", config.to_str().unwrap()])
+        .stderr(std::fs::File::create(dir.join("init.log")).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "history init failed: {}",
+        std::fs::read_to_string(dir.join("init.log")).unwrap_or_default()
+    );
+}
+
+fn mqtt_addr() -> std::net::SocketAddr {
+    env("IOTPIPE_TEST_MQTT", "127.0.0.1:1883").parse().unwrap()
+}
+
+/// The whole flow through `iotpipe all`, then through one process per operator.
+async fn flow(fanout_http: std::net::SocketAddr, prefix: &str, device: &str) {
+    let mut ws = ws_connect(fanout_http).await;
+    ws.send(json!({"op": "subscribe", "devices": ["*"]})).await;
+    assert_eq!(ws.next().await.unwrap()["type"], "subscribed");
+
+    let mut p = Publisher::new(mqtt_addr(), &format!("pub-{prefix}"));
+    let t0 = iotpipe_pipeline::time::now_ms() - 5_000;
+    let topic = format!("{prefix}/{device}/telemetry");
+    p.publish(
+        &topic,
+        json!({"ts": t0, "t": 1, "h": 50}).to_string().as_bytes(),
+        Duration::from_secs(10),
+    )
+    .await;
+    let u1 = ws.next_of("update").await;
+    assert_eq!(
+        u1,
+        json!({"type": "update", "device": device, "ts": t0, "seq": 1, "changes": {"t": 1, "h": 50}})
+    );
+    p.publish(
+        &topic,
+        json!({"ts": t0 + 1000, "t": 2, "h": 50})
+            .to_string()
+            .as_bytes(),
+        Duration::from_secs(10),
+    )
+    .await;
+    let u2 = ws.next_of("update").await;
+    assert_eq!(
+        (u2["seq"].clone(), u2["changes"].clone()),
+        (json!(2), json!({"t": 2}))
+    );
+
+    // Latest state from Redis.
+    let latest = wait_until(
+        fanout_http,
+        &format!("/v1/devices/{device}/latest"),
+        |s, v| s == 200 && v["seq"] == 2,
+    )
+    .await;
+    assert_eq!(latest["state"], json!({"t": 2, "h": 50}));
+    // History from DynamoDB, then from the Redis cache.
+    let path = format!("/v1/devices/{device}/history?from={t0}&to={}", t0 + 1000);
+    wait_until(fanout_http, &path, |_, v| {
+        v["items"].as_array().map_or(0, Vec::len) == 2
+    })
+    .await;
+    let path2 = format!(
+        "/v1/devices/{device}/history?from={t0}&to={}&order=desc",
+        t0 + 1000
+    );
+    let (s1, h1, b1) = http_get_full(fanout_http, &path2).await;
+    let (s2, h2, b2) = http_get_full(fanout_http, &path2).await;
+    assert_eq!((s1, s2), (200, 200));
+    assert_eq!(h1.get("x-cache").map(String::as_str), Some("MISS"));
+    assert_eq!(h2.get("x-cache").map(String::as_str), Some("HIT"));
+    assert_eq!(b1, b2);
+    assert_eq!(b1["items"][0]["metrics"], json!({"t": 2, "h": 50}));
+
+    // Bad input becomes a dead letter with its reason.
+    p.publish(&topic, b"{not json", Duration::from_secs(10))
+        .await;
+    let letters = wait_until(fanout_http, "/v1/dead-letters", |_, v| {
+        v["dead_letters"].as_array().is_some_and(|a| !a.is_empty())
+    })
+    .await;
+    assert_eq!(letters["dead_letters"][0]["reason"], "invalid_json");
+    assert_eq!(letters["dead_letters"][0]["device"], device);
+
+    // A snapshot for a late subscriber comes from Redis.
+    let mut ws2 = ws_connect(fanout_http).await;
+    ws2.send(json!({"op": "subscribe", "devices": [device]}))
+        .await;
+    let snap = ws2.next().await.unwrap();
+    assert_eq!(snap["state"], json!({"t": 2, "h": 50}));
+    assert_eq!(snap["seq"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_in_one_process_on_kafka_redis_dynamodb() {
+    aws_test_credentials();
+    let dir = tempfile::tempdir().unwrap();
+    let (config, prefix) = write_config(dir.path(), "all");
+    history_init(&config, dir.path());
+    let mut all = Proc::spawn(
+        &["all", "--config", config.to_str().unwrap()],
+        &dir.path().join("all.log"),
+    );
+    let http = all.wait_for_addr("HTTP on");
+    wait_until(http, "/readyz", |s, _| s == 200).await;
+    flow(http, &prefix, "dist-1").await;
+    let (_, metrics) = common::http_get(http, "/metrics").await;
+    let metrics = metrics.as_str().unwrap_or_default().to_owned();
+    assert!(
+        metrics.contains("iotpipe_ingest_appended_total 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("iotpipe_history_rows_written_total 2"),
+        "{metrics}"
+    );
+    all.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_process_per_operator() {
+    aws_test_credentials();
+    let dir = tempfile::tempdir().unwrap();
+    let (config, prefix) = write_config(dir.path(), "split");
+    history_init(&config, dir.path());
+    let c = config.to_str().unwrap();
+    let mut procs = Vec::new();
+    let mut fanout_http = None;
+    for role in ["fanout", "materialize", "history", "ingest"] {
+        let mut p = Proc::spawn(
+            &[role, "--config", c, "--http-listen", "127.0.0.1:0"],
+            &dir.path().join(format!("{role}.log")),
+        );
+        let http = p.wait_for_addr("HTTP on");
+        wait_until(http, "/readyz", |s, _| s == 200).await;
+        let (status, _) = common::http_get(http, "/healthz").await;
+        assert_eq!(status, 200);
+        if role == "fanout" {
+            fanout_http = Some(http);
+        }
+        procs.push(p);
+    }
+    flow(fanout_http.unwrap(), &prefix, "split-1").await;
+    // Stop in pipeline order: ingest first, fanout last.
+    while let Some(p) = procs.pop() {
+        p.stop();
+    }
+}
