@@ -215,6 +215,25 @@ impl Ws {
         }
     }
 
+    /// The next frame of `type` within `wait`, skipping others; `Err(())` on timeout.
+    pub async fn try_next_of(&mut self, kind: &str, wait: Duration) -> Result<Value, ()> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.stream.next()).await {
+                Err(_) => return Err(()),
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    if v["type"] == kind {
+                        return Ok(v);
+                    }
+                }
+                Ok(Some(Ok(_))) => {}
+                Ok(_) => panic!("connection closed"),
+            }
+        }
+    }
+
     /// The next frame of `type`, skipping others.
     pub async fn next_of(&mut self, kind: &str) -> Value {
         loop {

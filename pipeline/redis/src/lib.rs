@@ -80,7 +80,17 @@ fn unavailable(e: RedisError) -> StoreError {
 pub async fn connect(cfg: &RedisConfig) -> Result<ConnectionManager, StoreError> {
     let client = redis::Client::open(cfg.url.as_str())
         .map_err(|e| StoreError::Unavailable(format!("invalid Redis URL: {e}")))?;
-    ConnectionManager::new(client).await.map_err(unavailable)
+    // Without timeouts a request to a Redis that went away can wait forever (redis-rs sets none
+    // by default), which would stall the operator instead of letting the runtime back off and
+    // retry; bounded reconnect attempts keep each failure short.
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(std::time::Duration::from_secs(2))
+        .set_response_timeout(std::time::Duration::from_secs(5))
+        .set_number_of_retries(2)
+        .set_max_delay(1000);
+    ConnectionManager::new_with_config(client, config)
+        .await
+        .map_err(unavailable)
 }
 
 /// Latest state in Redis.
