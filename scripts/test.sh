@@ -34,8 +34,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 log "build"
 cargo build --workspace --all-targets --locked
 
-log "tests"
-cargo nextest run --workspace --locked --no-fail-fast
-
 log "doc tests"
 cargo test --workspace --doc --locked
+
+# Last, so that its summary is the run's closing line.
+log "tests"
+cargo nextest run --workspace --locked --no-fail-fast
