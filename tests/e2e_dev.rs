@@ -71,7 +71,12 @@ async fn mqtt_to_websocket_and_rest_survives_restart() {
     assert_eq!(status, 200);
     assert_eq!(latest["state"], json!({"t": 2, "h": 50}));
     assert_eq!(latest["seq"], 2);
-    let (_, hist) = dev.get("/v1/devices/e2e-1/history?order=asc").await;
+    // History is written by its own consumer: wait for it rather than race it.
+    let hist = dev
+        .wait_for("/v1/devices/e2e-1/history?order=asc", |_, v| {
+            v["items"].as_array().map_or(0, Vec::len) == 2
+        })
+        .await;
     assert_eq!(
         hist["items"],
         json!([{"ts": t0, "metrics": {"t": 1, "h": 50}}, {"ts": t0 + 500, "metrics": {"t": 2, "h": 50}}])
@@ -151,6 +156,10 @@ async fn wildcard_sees_devices_that_appear_later_and_history_pages() {
 
     dev.wait_for("/v1/devices/late-1/latest", |_, v| v["seq"] == 7)
         .await;
+    dev.wait_for("/v1/devices/late-1/history?limit=100", |_, v| {
+        v["items"].as_array().map_or(0, Vec::len) == 7
+    })
+    .await;
     // Page through history, newest first, 3 at a time; the range bounds are inclusive.
     let mut seen = Vec::new();
     let mut cursor: Option<String> = None;

@@ -15,8 +15,8 @@
 //! Replays: after a crash, records whose state was written but whose offsets were not committed
 //! are processed again. Their fields are no longer newer, so a plain merge would return nothing
 //! and the change event they caused — if it never reached the changes stream — would be lost. The
-//! state keeps the `(record id, seq)` of its last [`RECENT_CHANGES`] changes; a replayed record found
-//! there re-emits its change with the *original* seq (the fields it set that were not overwritten
+//! state keeps the `(record id, arrival, seq)` of its last [`RECENT_CHANGES`] changes; a replayed
+//! record (same id and arrival stamp) found there re-emits its change with the *original* seq (the fields it set that were not overwritten
 //! since), and consumers drop any seq they have already seen. So a replay neither loses nor
 //! duplicates what a dashboard sees.
 
@@ -59,9 +59,9 @@ pub struct LatestState {
     pub last_seen: i64,
     /// Fields by name.
     pub fields: BTreeMap<String, FieldState>,
-    /// `(record id, seq)` of the last changes, newest last; see the module docs.
+    /// `(record id, arrival, seq)` of the last changes, newest last; see the module docs.
     #[serde(default)]
-    pub recent: VecDeque<(RecordId, u64)>,
+    pub recent: VecDeque<(RecordId, u64, u64)>,
 }
 
 impl LatestState {
@@ -127,11 +127,18 @@ impl MergeOutcome {
 /// Merges `record` into `state` and returns what to emit. Pure and deterministic.
 pub fn merge(state: &mut LatestState, record: &Record) -> MergeOutcome {
     state.last_seen = state.last_seen.max(record.received_at);
-    if let Some(&(_, seq)) = state.recent.iter().find(|(id, _)| *id == record.id) {
+    // A replay is the same event again: same record id *and* same arrival stamp (the stamp
+    // travels with the record through the log). A device resending identical bytes is a new
+    // event with a later arrival, ordered like any other record.
+    if let Some(&(_, _, seq)) = state
+        .recent
+        .iter()
+        .find(|(id, arrival, _)| *id == record.id && *arrival == record.arrival)
+    {
         let changes: Map<String, Value> = state
             .fields
             .iter()
-            .filter(|(_, f)| f.seq == seq && f.rid == record.id)
+            .filter(|(_, f)| f.seq == seq && f.rid == record.id && f.arrival == record.arrival)
             .map(|(k, f)| (k.clone(), f.v.clone()))
             .collect();
         if changes.is_empty() {
@@ -152,9 +159,7 @@ pub fn merge(state: &mut LatestState, record: &Record) -> MergeOutcome {
     for (k, v) in &record.metrics {
         match state.fields.get_mut(k) {
             Some(f) => {
-                if f.rid == record.id
-                    || (record.ts, record.arrival, &record.id) <= (f.ts, f.arrival, &f.rid)
-                {
+                if (record.ts, record.arrival, &record.id) <= (f.ts, f.arrival, &f.rid) {
                     continue;
                 }
                 touched = true;
@@ -190,7 +195,9 @@ pub fn merge(state: &mut LatestState, record: &Record) -> MergeOutcome {
         return MergeOutcome::Unchanged;
     }
     state.seq = next_seq;
-    state.recent.push_back((record.id.clone(), next_seq));
+    state
+        .recent
+        .push_back((record.id.clone(), record.arrival, next_seq));
     while state.recent.len() > RECENT_CHANGES {
         state.recent.pop_front();
     }

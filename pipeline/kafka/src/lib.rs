@@ -205,6 +205,51 @@ impl KafkaLog {
         .map_err(|e| LogError::Unavailable(e.to_string()))
     }
 
+    /// Commits the current end offsets of every partition of `topic` for `group`, before any
+    /// member joins it.
+    ///
+    /// This is how [`StartAt::Latest`] is implemented, instead of `auto.offset.reset=latest`:
+    /// librdkafka resolves "latest" lazily, some time after the assignment, so records appended in
+    /// between would be skipped without a trace. A fanout instance could then miss a change that a
+    /// client, already connected and snapshotted, was waiting for — a silent gap. Fixing the start
+    /// offsets before the consumer (and the HTTP server) starts closes that window.
+    async fn commit_end_offsets(&self, topic: &str, group: &str) -> Result<(), LogError> {
+        let mut c = self.cfg.base(group);
+        c.set("group.id", group).set("enable.auto.commit", "false");
+        let cfg = self.cfg.finish(c);
+        let topic = topic.to_owned();
+        tokio::task::spawn_blocking(move || -> Result<(), LogError> {
+            let consumer: rdkafka::consumer::BaseConsumer = cfg
+                .create()
+                .map_err(|e| LogError::Unavailable(format!("consumer: {e}")))?;
+            let timeout = Duration::from_secs(10);
+            let md = consumer
+                .fetch_metadata(Some(&topic), timeout)
+                .map_err(|e| LogError::Unavailable(e.to_string()))?;
+            let partitions: Vec<i32> = md
+                .topics()
+                .iter()
+                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                .collect();
+            if partitions.is_empty() {
+                return Err(LogError::UnknownTopic(topic));
+            }
+            let mut tpl = TopicPartitionList::new();
+            for p in partitions {
+                let (_, high) = consumer
+                    .fetch_watermarks(&topic, p, timeout)
+                    .map_err(|e| LogError::Unavailable(e.to_string()))?;
+                tpl.add_partition_offset(&topic, p, Offset::Offset(high))
+                    .map_err(|e| LogError::Unavailable(e.to_string()))?;
+            }
+            consumer
+                .commit(&tpl, CommitMode::Sync)
+                .map_err(|e| LogError::Unavailable(format!("commit start offsets: {e}")))
+        })
+        .await
+        .map_err(|e| LogError::Unavailable(e.to_string()))?
+    }
+
     /// The full name of consumer group `name` (with the configured prefix).
     pub fn group(&self, name: &str) -> String {
         format!("{}{name}", self.cfg.group_prefix)
@@ -265,6 +310,9 @@ impl Log for KafkaLog {
         group: &str,
         start: StartAt,
     ) -> Result<Box<dyn Consumer>, LogError> {
+        if start == StartAt::Latest {
+            self.commit_end_offsets(topic, group).await?;
+        }
         let ctx = RebalanceContext {
             assigned: Arc::new(Mutex::new(HashSet::new())),
             joined: Arc::new(AtomicBool::new(false)),
@@ -276,11 +324,10 @@ impl Log for KafkaLog {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set(
+                // With StartAt::Latest the start offsets were committed above; "earliest" is then
+                // only the fallback for partitions created later.
                 "auto.offset.reset",
-                match start {
-                    StartAt::Earliest => "earliest",
-                    StartAt::Latest => "latest",
-                },
+                "earliest",
             )
             .set("session.timeout.ms", ms(self.cfg.session_timeout))
             .set("max.poll.interval.ms", ms(self.cfg.max_poll_interval))

@@ -230,9 +230,15 @@ fn parse_state(
             .split(',')
             .filter(|s| !s.is_empty())
             .map(|e| {
-                let (rid, seq) = e.split_once(':').ok_or_else(|| corrupt("recent"))?;
+                let mut parts = e.split(':');
+                let (Some(rid), Some(arrival), Some(seq)) =
+                    (parts.next(), parts.next(), parts.next())
+                else {
+                    return Err(corrupt("recent"));
+                };
                 Ok((
                     RecordId(rid.to_owned()),
+                    arrival.parse().map_err(|_| corrupt("recent"))?,
                     seq.parse().map_err(|_| corrupt("recent"))?,
                 ))
             })

@@ -7,7 +7,7 @@
 -- ARGV[3]: arrival stamp, zero-padded to 20 digits (compared as a string: it exceeds 2^53)
 -- ARGV[4]: receive time (epoch ms)     ARGV[5..]: metric name, canonical JSON value, ...
 --
--- Hash layout: `seq`, `ts`, `last_seen`, `recent` ("rid:seq,..." for the last 16 changes) and one
+-- Hash layout: `seq`, `ts`, `last_seen`, `recent` ("rid:arrival:seq,..." for the last 16 changes) and one
 -- `m:<name>` per field holding "ts|arrival|rid|seq|json" (the JSON last, so it may contain '|').
 --
 -- Returns {'c', seq, name, json, ...} for a change, {'r', seq, name, json, ...} to re-emit the change
@@ -25,14 +25,15 @@ if (not ls) or tonumber(ls) < received then
 end
 
 local recent = redis.call('HGET', key, 'recent') or ''
-for r, s in string.gmatch(recent, '(%x+):(%d+)') do
-  if r == rid then
+-- A replay is the same event again: same record id and same arrival stamp.
+for r, a, s in string.gmatch(recent, '(%x+):(%d+):(%d+)') do
+  if r == rid and a == arrival then
     local out = {'r', tonumber(s)}
     local all = redis.call('HGETALL', key)
     for i = 1, #all, 2 do
       if string.sub(all[i], 1, 2) == 'm:' then
-        local _, _, frid, fseq, fv = string.match(all[i + 1], FIELD)
-        if frid == rid and fseq == s then
+        local _, fa, frid, fseq, fv = string.match(all[i + 1], FIELD)
+        if frid == rid and fa == arrival and fseq == s then
           out[#out + 1] = string.sub(all[i], 3)
           out[#out + 1] = fv
         end
@@ -53,7 +54,7 @@ for i = 5, #ARGV, 2 do
   if cur then
     local fts, fa, frid, fseq, fv = string.match(cur, FIELD)
     fts = tonumber(fts)
-    local newer = frid ~= rid and (ts > fts or (ts == fts and (arrival > fa or (arrival == fa and rid > frid))))
+    local newer = ts > fts or (ts == fts and (arrival > fa or (arrival == fa and rid > frid)))
     if newer then
       touched = true
       if fv ~= v then
@@ -82,10 +83,10 @@ if #out == 2 then return {'u', 0} end
 
 redis.call('HSET', key, 'seq', nxt)
 local list = {}
-for entry in string.gmatch(recent, '(%x+:%d+)') do
+for entry in string.gmatch(recent, '(%x+:%d+:%d+)') do
   list[#list + 1] = entry
 end
-list[#list + 1] = rid .. ':' .. nxt
+list[#list + 1] = rid .. ':' .. arrival .. ':' .. nxt
 while #list > 16 do
   table.remove(list, 1)
 end
