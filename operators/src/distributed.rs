@@ -464,10 +464,7 @@ pub async fn run(
         let _ = tokio::task::spawn_blocking(move || k.flush(Duration::from_secs(10))).await;
         http_stop.cancel();
         if let Some(hub) = hub_for_close {
-            let deadline = Instant::now() + Duration::from_secs(2);
-            while hub.connections() > 0 && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            hub.wait_closed(Duration::from_secs(2)).await;
         }
         let _ = http_task.await;
         ok

@@ -116,6 +116,26 @@ pub struct HistoryItem {
     pub metrics: Map<String, Value>,
 }
 
+/// The cursor of a history page: the `(ts, record id)` of its last row, as `ts.id`. Every history
+/// store pages by it, so a cursor means the same whatever the backend.
+pub fn format_cursor(item: &HistoryItem) -> String {
+    format!("{}.{}", item.ts, item.id)
+}
+
+/// Parses a cursor made by [`format_cursor`].
+///
+/// # Errors
+/// [`StoreError::InvalidQuery`] for a malformed cursor (it comes from the client).
+pub fn parse_cursor(c: &str) -> Result<(i64, String), StoreError> {
+    let bad = || StoreError::InvalidQuery(format!("malformed cursor `{c}`"));
+    let (ts, id) = c.split_once('.').ok_or_else(bad)?;
+    let ts: i64 = ts.parse().map_err(|_| bad())?;
+    if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    Ok((ts, id.to_owned()))
+}
+
 /// One page of a history query.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HistoryPage {

@@ -378,11 +378,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         stage3.cancel();
         ok &= join_all(stage3_tasks).await;
         http_stop.cancel();
-        // Give connections a moment to send their close frames.
-        let close_deadline = Instant::now() + Duration::from_secs(2);
-        while hub.connections() > 0 && Instant::now() < close_deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        hub.wait_closed(Duration::from_secs(2)).await;
         let _ = http_task.await;
         ok
     })

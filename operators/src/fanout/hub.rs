@@ -165,6 +165,15 @@ impl Hub {
         }
     }
 
+    /// After shutdown was signalled: waits up to `limit` for the connections to send their close
+    /// frames and leave.
+    pub async fn wait_closed(&self, limit: std::time::Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        while self.connections() > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
     /// Number of open connections.
     pub fn connections(&self) -> usize {
         self.inner.read().conns.len()

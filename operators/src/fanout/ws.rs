@@ -130,39 +130,27 @@ impl Conn {
         }
     }
 
-    async fn feed_update(&mut self, d: &super::hub::Delivery) -> bool {
-        if !self.is_new(&d.device, d.seq) {
+    /// Queues an update frame (flushed by the caller) unless the client already has its seq.
+    async fn feed(&mut self, device: &Arc<str>, seq: u64, ts: i64, frame: Utf8Bytes) -> bool {
+        if !self.is_new(device, seq) {
             return true;
         }
-        self.state
-            .metrics
-            .ws_messages
-            .with_label_values(&["update"])
-            .inc();
-        self.state
-            .metrics
-            .push_latency
-            .observe((now_ms() - d.ts).max(0) as f64 / 1000.0);
-        self.sink.feed(Message::Text(d.frame.clone())).await.is_ok()
+        let m = &self.state.metrics;
+        m.ws_messages.with_label_values(&["update"]).inc();
+        m.push_latency
+            .observe((now_ms() - ts).max(0) as f64 / 1000.0);
+        self.sink.feed(Message::Text(frame)).await.is_ok()
+    }
+
+    async fn feed_update(&mut self, d: &super::hub::Delivery) -> bool {
+        self.feed(&d.device, d.seq, d.ts, d.frame.clone()).await
     }
 
     async fn flush_pending(&mut self, handle: &super::hub::ConnHandle) -> bool {
         let pending = std::mem::take(&mut *handle.pending.lock());
         for (device, p) in pending {
-            if !self.is_new(&device, p.seq) {
-                continue;
-            }
-            self.state
-                .metrics
-                .ws_messages
-                .with_label_values(&["update"])
-                .inc();
-            self.state
-                .metrics
-                .push_latency
-                .observe((now_ms() - p.ts).max(0) as f64 / 1000.0);
             let frame = update_frame(&device, p.ts, p.seq, &p.changes);
-            if self.sink.feed(Message::Text(frame.into())).await.is_err() {
+            if !self.feed(&device, p.seq, p.ts, frame.into()).await {
                 return false;
             }
         }

@@ -6,7 +6,6 @@
 //! {ts:013}#{record id}` orders rows by time and makes a replayed record land on its own key.
 
 use iotpipe_pipeline::record::RecordId;
-use iotpipe_pipeline::store::StoreError;
 use serde::{Deserialize, Serialize};
 
 /// Largest ts the 13-digit sort key can hold (the year 2286).
@@ -122,20 +121,6 @@ pub fn before(sk: &str) -> String {
         }
         None => String::new(),
     }
-}
-
-/// Parses a cursor (`ts.id`, the same form the embedded store uses).
-///
-/// # Errors
-/// [`StoreError::InvalidQuery`] for a malformed cursor.
-pub fn parse_cursor(c: &str) -> Result<(i64, String), StoreError> {
-    let bad = || StoreError::InvalidQuery(format!("malformed cursor `{c}`"));
-    let (ts, id) = c.split_once('.').ok_or_else(bad)?;
-    let ts: i64 = ts.parse().map_err(|_| bad())?;
-    if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(bad());
-    }
-    Ok((ts, id.to_owned()))
 }
 
 #[cfg(test)]

@@ -34,7 +34,8 @@ use futures_util::stream::{self, StreamExt, TryStreamExt};
 use iotpipe_pipeline::record::{Record, RecordId};
 use iotpipe_pipeline::runtime::Backoff;
 use iotpipe_pipeline::store::{
-    HistoryItem, HistoryPage, HistoryQuery, HistoryStore, Order, StoreError,
+    format_cursor, parse_cursor, HistoryItem, HistoryPage, HistoryQuery, HistoryStore, Order,
+    StoreError,
 };
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -423,7 +424,7 @@ impl HistoryStore for DynamoHistory {
             q.to
         }
         .min(keys::MAX_TS);
-        let cursor = q.cursor.as_deref().map(keys::parse_cursor).transpose()?;
+        let cursor = q.cursor.as_deref().map(parse_cursor).transpose()?;
         let limit = q.limit.max(1);
         if from > to {
             return Ok(HistoryPage {
@@ -483,7 +484,7 @@ impl HistoryStore for DynamoHistory {
         }
         let next_cursor = if items.len() > limit {
             items.truncate(limit);
-            items.last().map(|i| format!("{}.{}", i.ts, i.id))
+            items.last().map(format_cursor)
         } else {
             None
         };

@@ -10,7 +10,10 @@ use redb::{Database, TableDefinition};
 
 use super::{blocking, unavailable};
 use crate::record::{Record, RecordId};
-use crate::store::{HistoryItem, HistoryPage, HistoryQuery, HistoryStore, Order, StoreError};
+use crate::store::{
+    format_cursor, parse_cursor, HistoryItem, HistoryPage, HistoryQuery, HistoryStore, Order,
+    StoreError,
+};
 
 const TABLE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("history");
 
@@ -37,17 +40,6 @@ fn key(device: &str, ts: i64, id: &str) -> Vec<u8> {
     k.extend_from_slice(&ts_bytes(ts));
     k.extend_from_slice(id.as_bytes());
     k
-}
-
-/// Cursor: the `(ts, id)` of the last row returned, as `ts.id`.
-fn parse_cursor(c: &str) -> Result<(i64, String), StoreError> {
-    let bad = || StoreError::InvalidQuery(format!("malformed cursor `{c}`"));
-    let (ts, id) = c.split_once('.').ok_or_else(bad)?;
-    let ts: i64 = ts.parse().map_err(|_| bad())?;
-    if id.len() != 32 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(bad());
-    }
-    Ok((ts, id.to_owned()))
 }
 
 impl RedbHistory {
@@ -150,7 +142,7 @@ impl HistoryStore for RedbHistory {
             }
             let next_cursor = if items.len() > limit {
                 items.truncate(limit);
-                items.last().map(|i| format!("{}.{}", i.ts, i.id))
+                items.last().map(format_cursor)
             } else {
                 None
             };
