@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// A running `iotpipe dev`.
 pub struct Dev {
-    child: Option<Child>,
+    proc: Proc,
     pub mqtt: SocketAddr,
     pub http: SocketAddr,
     pub data_dir: PathBuf,
@@ -43,87 +43,28 @@ impl Dev {
 
     /// Starts `iotpipe dev` with exactly `args` after `--data-dir`.
     pub fn spawn(data_dir: &Path, args: &[&str]) -> Self {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(data_dir.with_extension("log"))
-            .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_iotpipe"))
-            .args(["dev", "--data-dir"])
-            .arg(data_dir)
-            .args(args)
-            .env("RUST_LOG", "info,rumqttd=off")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("start iotpipe");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let (mut mqtt, mut http) = (None, None);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while mqtt.is_none() || http.is_none() {
-            let line = rx
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .unwrap_or_else(|_| {
-                    let log =
-                        std::fs::read_to_string(data_dir.with_extension("log")).unwrap_or_default();
-                    panic!("iotpipe dev did not start; log:\n{log}")
-                });
-            let addr = || {
-                line.split_whitespace().find_map(|w| {
-                    w.trim_start_matches("http://")
-                        .trim_end_matches('/')
-                        .parse::<SocketAddr>()
-                        .ok()
-                })
-            };
-            if line.contains("MQTT broker:") {
-                mqtt = addr();
-            } else if line.contains("Dashboard:") {
-                http = addr();
-            }
-        }
+        let dir = data_dir.to_str().unwrap();
+        let mut all = vec!["dev", "--data-dir", dir];
+        all.extend_from_slice(args);
+        let mut proc = Proc::spawn(&all, &data_dir.with_extension("log"));
+        // Printed in this order: the broker line, then the dashboard line.
+        let mqtt = proc.wait_for_addr("MQTT broker:");
+        let http = proc.wait_for_addr("Dashboard:");
         Self {
-            child: Some(child),
-            mqtt: mqtt.unwrap(),
-            http: http.unwrap(),
+            proc,
+            mqtt,
+            http,
             data_dir: data_dir.to_owned(),
         }
     }
 
     /// Sends SIGTERM and waits for a clean exit.
-    pub fn stop(mut self) {
-        let mut child = self.child.take().unwrap();
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let deadline = Instant::now() + Duration::from_secs(40);
-        loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                assert!(
-                    s.success(),
-                    "iotpipe dev exited with {s}; log:\n{}",
-                    self.log()
-                );
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "iotpipe dev did not stop in time"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    pub fn stop(self) {
+        self.proc.stop();
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default()
+        self.proc.log()
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
@@ -147,19 +88,7 @@ impl Dev {
     }
 
     pub async fn ws(&self) -> Ws {
-        let (stream, _) = tokio_tungstenite::connect_async(format!("ws://{}/v1/ws", self.http))
-            .await
-            .unwrap();
-        Ws { stream }
-    }
-}
-
-impl Drop for Dev {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        ws_connect(self.http).await
     }
 }
 
