@@ -354,7 +354,9 @@ async fn redis_outage_loses_nothing() {
 }
 
 /// Two materialize processes share the telemetry partitions through their consumer group: both
-/// do work, and every device's final state is right.
+/// do work, and every device's final state is right. Two fanout instances each consume every
+/// change: a client on either gets all updates. Two fanout instances each see every change:
+/// a client on either one gets all updates.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_materializers_share_the_partitions() {
     aws_test_credentials();
@@ -364,7 +366,7 @@ async fn two_materializers_share_the_partitions() {
     let c = config.to_str().unwrap();
     let mut procs = Vec::new();
     let mut addrs = Vec::new();
-    for (i, role) in ["fanout", "materialize", "materialize", "ingest"]
+    for (i, role) in ["fanout", "materialize", "materialize", "ingest", "fanout"]
         .iter()
         .enumerate()
     {
@@ -378,6 +380,13 @@ async fn two_materializers_share_the_partitions() {
     }
     for a in &addrs {
         wait_until(*a, "/readyz", |s, _| s == 200).await;
+    }
+    let mut clients = Vec::new();
+    for fanout in [addrs[0], addrs[4]] {
+        let mut ws = ws_connect(fanout).await;
+        ws.send(json!({"op": "subscribe", "devices": ["*"]})).await;
+        assert_eq!(ws.next().await.unwrap()["type"], "subscribed");
+        clients.push(ws);
     }
     let mut p = Publisher::new(mqtt_addr(), &format!("pub-{prefix}"));
     let t0 = iotpipe_pipeline::time::now_ms() - 5_000;
@@ -396,6 +405,14 @@ async fn two_materializers_share_the_partitions() {
         })
         .await;
         assert_eq!(latest["state"], json!({"v": d}));
+    }
+    // Both fanout instances pushed every device's change.
+    for ws in &mut clients {
+        let mut devices = std::collections::BTreeSet::new();
+        while devices.len() < 30 {
+            let u = ws.next_of("update").await;
+            devices.insert(u["device"].as_str().unwrap().to_owned());
+        }
     }
     let records = |m: &serde_json::Value| -> u64 {
         m.as_str()
