@@ -7,9 +7,12 @@
 //! default.
 //!
 //! # Layout
+//! - [`sandbox`]: the Rhai sandbox user rules run in (limits, deadline, script API).
 //! - [`Evaluator`]: evaluate one record, return alerts.
 //! - [`Alert`]: what an evaluation raises; the payload of the alerts topic.
 //! - [`NoRules`]: the evaluator with no rules.
+
+pub mod sandbox;
 
 use async_trait::async_trait;
 use iotpipe_pipeline::record::{Record, RecordId};
