@@ -8,10 +8,12 @@
 //!
 //! # Layout
 //! - [`sandbox`]: the Rhai sandbox user rules run in (limits, deadline, script API).
+//! - [`engine`]: rules, selectors, ownership, alarm lifecycle, failure isolation.
 //! - [`Evaluator`]: evaluate one record, return alerts.
 //! - [`Alert`]: what an evaluation raises; the payload of the alerts topic.
 //! - [`NoRules`]: the evaluator with no rules.
 
+pub mod engine;
 pub mod sandbox;
 
 use async_trait::async_trait;
@@ -27,12 +29,26 @@ pub struct Alert {
     pub device: String,
     /// Device ts of the record that raised it.
     pub ts: i64,
+    /// What happened: raised, cleared, or the rule was disabled.
+    pub kind: AlertKind,
     /// Severity chosen by the rule (`info`, `warning`, `critical`, ...).
     pub severity: String,
     /// Text for people.
     pub text: String,
     /// The record that raised it.
     pub record_id: RecordId,
+}
+
+/// What an alert reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertKind {
+    /// The rule's condition started to hold.
+    Raised,
+    /// It stopped holding.
+    Cleared,
+    /// The rule failed too often and was disabled (reported to its owner).
+    RuleDisabled,
 }
 
 /// Evaluates rules on records.

@@ -108,7 +108,7 @@ impl Operator for FanoutAlerts {
             match serde_json::from_slice::<Alert>(&r.value) {
                 Ok(a) => {
                     let frame = serde_json::json!({
-                        "type": "alert", "device": a.device, "rule": a.rule, "ts": a.ts,
+                        "type": "alert", "kind": a.kind, "device": a.device, "rule": a.rule, "ts": a.ts,
                         "severity": a.severity, "text": a.text,
                     });
                     self.hub

@@ -104,6 +104,7 @@ mod tests {
                     rule: "hot".into(),
                     device: record.device.clone(),
                     ts: record.ts,
+                    kind: iotpipe_rules::AlertKind::Raised,
                     severity: "warning".into(),
                     text: format!("t={t}"),
                     record_id: record.id.clone(),

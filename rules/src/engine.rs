@@ -1,0 +1,330 @@
+//! The rule engine: which rules see which records, per-rule-per-device state, the alarm lifecycle,
+//! and failure isolation. It implements [`Evaluator`] for the rules operator.
+//!
+//! - **Ownership first.** A rule only ever sees records of devices its owner owns (asked of a
+//!   [`DeviceOwners`] registry), whatever its selector says; the selector narrows further.
+//! - **Raise once, clear once.** A rule calls `alert(..)` while its condition holds and `clear()`
+//!   when it ends; the engine turns that into one `raised` alert when the alarm starts and one
+//!   `cleared` when it ends. After a clear, a new raise is suppressed for the rule's `cooldown`
+//!   (in event time). Hysteresis is the script's (see `docs/RULES.md`).
+//! - **Isolation.** A rule that errors or hits a limit is counted; after `max_consecutive_failures`
+//!   failures in a row it is disabled and a `rule_disabled` alert goes to its owner. No other rule,
+//!   device or user is affected, and the record still reaches every other rule.
+//!
+//! State (the script's `state` map and the active alarms) lives in memory here; persisting it so
+//! that restarts neither re-fire nor forget is the next step (Redis / the embedded store).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use iotpipe_pipeline::record::Record;
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::sandbox::{Action, Compiled, Input, RuleError, Sandbox};
+use crate::{Alert, AlertKind, Evaluator};
+
+/// Which devices a rule applies to (always within its owner's devices).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Selector {
+    /// Every device of the owner.
+    All,
+    /// These device ids.
+    Devices(Vec<String>),
+    /// Device ids matching a glob with `*` (any run of characters) and `?` (one character).
+    Glob(String),
+}
+
+impl Selector {
+    /// Whether `device` is selected.
+    pub fn matches(&self, device: &str) -> bool {
+        match self {
+            Self::All => true,
+            Self::Devices(ids) => ids.iter().any(|d| d == device),
+            Self::Glob(g) => glob(g.as_bytes(), device.as_bytes()),
+        }
+    }
+}
+
+fn glob(p: &[u8], s: &[u8]) -> bool {
+    // Iterative wildcard match with backtracking to the last `*`: linear in practice, no
+    // recursion for a hostile pattern to exploit.
+    let (mut pi, mut si, mut star, mut mark) = (0, 0, None, 0);
+    while si < s.len() {
+        if pi < p.len() && (p[pi] == b'?' || p[pi] == s[si]) {
+            pi += 1;
+            si += 1;
+        } else if pi < p.len() && p[pi] == b'*' {
+            star = Some(pi);
+            mark = si;
+            pi += 1;
+        } else if let Some(st) = star {
+            pi = st + 1;
+            mark += 1;
+            si = mark;
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == b'*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+/// A subscription rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rule {
+    /// Unique id.
+    pub id: String,
+    /// Name for people.
+    pub name: String,
+    /// The user who owns it.
+    pub owner: String,
+    /// Which of the owner's devices it applies to.
+    pub selector: Selector,
+    /// The Rhai script.
+    pub script: String,
+    /// Cooldown after a clear before the same alarm may be raised again, ms of event time.
+    pub cooldown_ms: i64,
+    /// Whether it runs.
+    pub enabled: bool,
+}
+
+/// Device -> owner, as far as rules are concerned.
+pub trait DeviceOwners: Send + Sync + 'static {
+    /// The owner of `device`, if registered.
+    fn owner_of(&self, device: &str) -> Option<String>;
+}
+
+/// A fixed map of owners (tests, and `iotpipe dev` until the registry arrives).
+#[derive(Debug, Default, Clone)]
+pub struct StaticOwners(pub HashMap<String, String>);
+
+impl DeviceOwners for StaticOwners {
+    fn owner_of(&self, device: &str) -> Option<String> {
+        self.0.get(device).cloned()
+    }
+}
+
+struct Loaded {
+    rule: Rule,
+    compiled: Compiled,
+    failures: AtomicU32,
+    disabled: AtomicBool,
+}
+
+#[derive(Default)]
+struct DeviceRuleState {
+    state: rhai::Map,
+    active: bool,
+    cleared_at: Option<i64>,
+}
+
+/// Failures of rules, for metrics and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// The rule.
+    pub rule: String,
+    /// The device whose record it failed on.
+    pub device: String,
+    /// What went wrong.
+    pub error: RuleError,
+}
+
+/// The rule engine.
+pub struct RuleEngine {
+    sandbox: Sandbox,
+    owners: Arc<dyn DeviceOwners>,
+    rules: RwLock<Vec<Arc<Loaded>>>,
+    states: Mutex<HashMap<(String, String), DeviceRuleState>>,
+    max_consecutive_failures: u32,
+    failures: Mutex<Vec<Failure>>,
+}
+
+impl RuleEngine {
+    /// An engine with no rules.
+    pub fn new(
+        sandbox: Sandbox,
+        owners: Arc<dyn DeviceOwners>,
+        max_consecutive_failures: u32,
+    ) -> Self {
+        Self {
+            sandbox,
+            owners,
+            rules: RwLock::new(Vec::new()),
+            states: Mutex::new(HashMap::new()),
+            max_consecutive_failures: max_consecutive_failures.max(1),
+            failures: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Adds or replaces a rule (by id), compiling its script once.
+    ///
+    /// # Errors
+    /// [`RuleError::Compile`] when the script does not compile; the old version stays.
+    pub fn upsert(&self, rule: Rule) -> Result<(), RuleError> {
+        let compiled = self.sandbox.compile(&rule.script)?;
+        let loaded = Arc::new(Loaded {
+            rule,
+            compiled,
+            failures: AtomicU32::new(0),
+            disabled: AtomicBool::new(false),
+        });
+        let mut rules = self.rules.write();
+        rules.retain(|r| r.rule.id != loaded.rule.id);
+        rules.push(loaded);
+        Ok(())
+    }
+
+    /// Removes a rule and its state.
+    pub fn remove(&self, id: &str) {
+        self.rules.write().retain(|r| r.rule.id != id);
+        self.states.lock().retain(|(rule, _), _| rule != id);
+    }
+
+    /// Whether rule `id` is currently disabled by failures.
+    pub fn is_disabled(&self, id: &str) -> bool {
+        self.rules
+            .read()
+            .iter()
+            .any(|r| r.rule.id == id && r.disabled.load(Ordering::Relaxed))
+    }
+
+    /// Failures since the last call (for metrics and logs).
+    pub fn take_failures(&self) -> Vec<Failure> {
+        std::mem::take(&mut *self.failures.lock())
+    }
+
+    /// Evaluates every applicable rule on `record` (synchronously).
+    pub fn evaluate_record(&self, record: &Record) -> Vec<Alert> {
+        let Some(owner) = self.owners.owner_of(&record.device) else {
+            return Vec::new();
+        };
+        let rules: Vec<Arc<Loaded>> = self.rules.read().clone();
+        let mut out = Vec::new();
+        for r in rules {
+            if !r.rule.enabled
+                || r.disabled.load(Ordering::Relaxed)
+                || r.rule.owner != owner
+                || !r.rule.selector.matches(&record.device)
+            {
+                continue;
+            }
+            let key = (r.rule.id.clone(), record.device.clone());
+            let mut states = self.states.lock();
+            let st = states.entry(key).or_default();
+            let input = Input {
+                device: &record.device,
+                ts: record.ts,
+                now: record.ts,
+                metrics: &record.metrics,
+                prev: None,
+            };
+            match self.sandbox.evaluate(&r.compiled, &input, &mut st.state) {
+                Ok(actions) => {
+                    r.failures.store(0, Ordering::Relaxed);
+                    lifecycle(&r.rule, record, st, &actions, &mut out);
+                }
+                Err(error) => {
+                    let n = r.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                    warn!(rule = %r.rule.id, device = %record.device, error = %error, consecutive = n, "Rule failed.");
+                    self.failures.lock().push(Failure {
+                        rule: r.rule.id.clone(),
+                        device: record.device.clone(),
+                        error: error.clone(),
+                    });
+                    if n >= self.max_consecutive_failures
+                        && !r.disabled.swap(true, Ordering::Relaxed)
+                    {
+                        out.push(Alert {
+                            rule: r.rule.id.clone(),
+                            device: record.device.clone(),
+                            ts: record.ts,
+                            kind: AlertKind::RuleDisabled,
+                            severity: "error".into(),
+                            text: format!(
+                                "rule `{}` disabled after {n} consecutive failures; last: {error}",
+                                r.rule.name
+                            ),
+                            record_id: record.id.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+fn lifecycle(
+    rule: &Rule,
+    record: &Record,
+    st: &mut DeviceRuleState,
+    actions: &[Action],
+    out: &mut Vec<Alert>,
+) {
+    // The last action of an evaluation decides; several `alert` calls raise one alarm.
+    let Some(last) = actions.last() else { return };
+    match last {
+        Action::Alert { severity, text } => {
+            let cooling = st
+                .cleared_at
+                .is_some_and(|at| record.ts - at < rule.cooldown_ms);
+            if !st.active && !cooling {
+                st.active = true;
+                out.push(Alert {
+                    rule: rule.id.clone(),
+                    device: record.device.clone(),
+                    ts: record.ts,
+                    kind: AlertKind::Raised,
+                    severity: severity.clone(),
+                    text: text.clone(),
+                    record_id: record.id.clone(),
+                });
+            }
+        }
+        Action::Clear => {
+            if st.active {
+                st.active = false;
+                st.cleared_at = Some(record.ts);
+                out.push(Alert {
+                    rule: rule.id.clone(),
+                    device: record.device.clone(),
+                    ts: record.ts,
+                    kind: AlertKind::Cleared,
+                    severity: "info".into(),
+                    text: format!("{} cleared", rule.name),
+                    record_id: record.id.clone(),
+                });
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Evaluator for RuleEngine {
+    async fn evaluate(&self, record: &Record) -> Vec<Alert> {
+        self.evaluate_record(record)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob(b"plant-*-temp", b"plant-3-temp"));
+        assert!(glob(b"*", b""));
+        assert!(glob(b"a?c", b"abc"));
+        assert!(!glob(b"a?c", b"ac"));
+        assert!(!glob(b"plant-*", b"other"));
+        assert!(glob(b"*a*a*a*b", b"aaaaaaaaaaaaaaaaaaaaaaaaaaaaab"));
+        assert!(!glob(b"*a*a*a*b", &[b'a'; 5000]));
+    }
+}

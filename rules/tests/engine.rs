@@ -1,0 +1,178 @@
+//! The rule engine: raise once and clear once, cooldown, hysteresis in the script, ownership and
+//! selectors, and a failing rule disabled without affecting any other.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use iotpipe_pipeline::record::{parse_record, Limits, Record, SourceRef};
+use iotpipe_rules::engine::{Rule, RuleEngine, Selector, StaticOwners};
+use iotpipe_rules::sandbox::{Limits as RuleLimits, Sandbox};
+use iotpipe_rules::{Alert, AlertKind};
+use serde_json::json;
+
+const T0: i64 = 1_750_000_000_000;
+
+fn engine(owners: &[(&str, &str)]) -> RuleEngine {
+    let owners = StaticOwners(
+        owners
+            .iter()
+            .map(|(d, o)| ((*d).to_owned(), (*o).to_owned()))
+            .collect::<HashMap<_, _>>(),
+    );
+    RuleEngine::new(Sandbox::new(RuleLimits::default()), Arc::new(owners), 3)
+}
+
+fn rule(id: &str, owner: &str, selector: Selector, script: &str, cooldown_ms: i64) -> Rule {
+    Rule {
+        id: id.into(),
+        name: id.into(),
+        owner: owner.into(),
+        selector,
+        script: script.into(),
+        cooldown_ms,
+        enabled: true,
+    }
+}
+
+fn rec(device: &str, ts: i64, metrics: serde_json::Value) -> Record {
+    let mut m = metrics.as_object().cloned().unwrap();
+    m.insert("ts".into(), json!(ts));
+    parse_record(
+        device,
+        serde_json::Value::Object(m).to_string().as_bytes(),
+        ts,
+        SourceRef::Internal,
+        &Limits::default(),
+    )
+    .unwrap()
+}
+
+fn kinds(alerts: &[Alert]) -> Vec<(String, AlertKind)> {
+    alerts.iter().map(|a| (a.rule.clone(), a.kind)).collect()
+}
+
+const HOT: &str =
+    r#"if (metrics.t ?? 0) > 30 { alert("warning", `t=${metrics.t}`) } else { clear() }"#;
+
+#[test]
+fn raised_once_cleared_once_then_cooldown() {
+    let e = engine(&[("d1", "alice")]);
+    e.upsert(rule("hot", "alice", Selector::All, HOT, 60_000))
+        .unwrap();
+    let mut seen = Vec::new();
+    for (i, t) in [20, 35, 36, 37, 20, 21, 40, 41].iter().enumerate() {
+        seen.extend(kinds(&e.evaluate_record(&rec(
+            "d1",
+            T0 + i as i64 * 1000,
+            json!({ "t": t }),
+        ))));
+    }
+    // Raised at 35, not again at 36/37; cleared at 20; 40 comes within the 60 s cooldown: silent.
+    assert_eq!(
+        seen,
+        vec![
+            ("hot".into(), AlertKind::Raised),
+            ("hot".into(), AlertKind::Cleared)
+        ]
+    );
+    // After the cooldown it may raise again.
+    let later = e.evaluate_record(&rec("d1", T0 + 120_000, json!({"t": 50})));
+    assert_eq!(kinds(&later), vec![("hot".into(), AlertKind::Raised)]);
+    assert_eq!(later[0].text, "t=50");
+}
+
+#[test]
+fn hysteresis_and_n_consecutive_live_in_the_script_state() {
+    let e = engine(&[("d1", "alice")]);
+    // Raise after 3 consecutive readings above 30; clear only below 25 (hysteresis).
+    let script = r#"
+        let t = metrics.t ?? ();
+        if t == () { return; }
+        if t > 30 { state.above = (state.above ?? 0) + 1 } else { state.above = 0 }
+        if state.above >= 3 { alert("critical", "hot for 3 readings") }
+        if t < 25 { clear() }
+    "#;
+    e.upsert(rule("hyst", "alice", Selector::All, script, 0))
+        .unwrap();
+    let mut seen = Vec::new();
+    for (i, t) in [31, 32, 33, 28, 26, 24].iter().enumerate() {
+        for a in e.evaluate_record(&rec("d1", T0 + i as i64 * 1000, json!({ "t": t }))) {
+            seen.push((i, a.kind));
+        }
+    }
+    assert_eq!(seen, vec![(2, AlertKind::Raised), (5, AlertKind::Cleared)]);
+}
+
+#[test]
+fn rules_see_only_their_owners_devices_whatever_the_selector() {
+    let e = engine(&[("alice-1", "alice"), ("bob-1", "bob")]);
+    // Alice's rule names Bob's device explicitly and by glob: it must never see it.
+    e.upsert(rule(
+        "steal",
+        "alice",
+        Selector::Devices(vec!["bob-1".into(), "alice-1".into()]),
+        HOT,
+        0,
+    ))
+    .unwrap();
+    e.upsert(rule("glob", "alice", Selector::Glob("*-1".into()), HOT, 0))
+        .unwrap();
+    assert!(e
+        .evaluate_record(&rec("bob-1", T0, json!({"t": 99})))
+        .is_empty());
+    let got = e.evaluate_record(&rec("alice-1", T0, json!({"t": 99})));
+    assert_eq!(got.len(), 2);
+    assert!(got.iter().all(|a| a.device == "alice-1"));
+    // Unregistered devices reach no rule at all.
+    assert!(e
+        .evaluate_record(&rec("nobody-1", T0, json!({"t": 99})))
+        .is_empty());
+}
+
+#[test]
+fn a_failing_rule_is_disabled_after_n_failures_and_others_keep_firing() {
+    let e = engine(&[("d1", "alice")]);
+    e.upsert(rule("bad", "alice", Selector::All, "loop { }", 0))
+        .unwrap();
+    e.upsert(rule("good", "alice", Selector::All, HOT, 0))
+        .unwrap();
+    let mut seen = Vec::new();
+    for (i, t) in [35, 20, 35, 20].iter().enumerate() {
+        seen.extend(kinds(&e.evaluate_record(&rec(
+            "d1",
+            T0 + i as i64 * 1000,
+            json!({ "t": t }),
+        ))));
+    }
+    assert_eq!(
+        seen,
+        vec![
+            ("good".into(), AlertKind::Raised),
+            ("good".into(), AlertKind::Cleared),
+            ("bad".into(), AlertKind::RuleDisabled),
+            ("good".into(), AlertKind::Raised),
+            ("good".into(), AlertKind::Cleared),
+        ]
+    );
+    assert!(e.is_disabled("bad"));
+    assert_eq!(e.take_failures().len(), 3);
+    // Replacing the rule (a new version) enables it again.
+    e.upsert(rule("bad", "alice", Selector::All, HOT, 0))
+        .unwrap();
+    assert!(!e.is_disabled("bad"));
+}
+
+#[test]
+fn a_script_that_does_not_compile_is_refused_and_the_old_version_stays() {
+    let e = engine(&[("d1", "alice")]);
+    e.upsert(rule("r", "alice", Selector::All, HOT, 0)).unwrap();
+    assert!(e
+        .upsert(rule("r", "alice", Selector::All, "if {", 0))
+        .is_err());
+    assert_eq!(
+        kinds(&e.evaluate_record(&rec("d1", T0, json!({"t": 99})))),
+        vec![("r".into(), AlertKind::Raised)]
+    );
+}
