@@ -78,6 +78,9 @@ struct DevArgs {
     /// Simulate N devices publishing telemetry over MQTT.
     #[arg(long, value_name = "N")]
     simulate: Option<u32>,
+    /// Directory of `NAME.rhai` subscription rules, reloaded while running (docs/RULES.md).
+    #[arg(long, value_name = "DIR")]
+    rules_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -253,6 +256,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(n) = args.simulate {
                 cfg.dev.simulate = n;
+            }
+            if let Some(d) = args.rules_dir {
+                cfg.rules.dir = Some(d);
             }
             cfg.validate()?;
             init_logging(cli.log_format, &cli.log_level);

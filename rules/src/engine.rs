@@ -105,6 +105,16 @@ pub trait DeviceOwners: Send + Sync + 'static {
 #[derive(Debug, Default, Clone)]
 pub struct StaticOwners(pub HashMap<String, String>);
 
+/// One owner for every device: `iotpipe dev`, which is single-user until authentication arrives.
+#[derive(Debug, Clone)]
+pub struct SingleOwner(pub String);
+
+impl DeviceOwners for SingleOwner {
+    fn owner_of(&self, _device: &str) -> Option<String> {
+        Some(self.0.clone())
+    }
+}
+
 impl DeviceOwners for StaticOwners {
     fn owner_of(&self, device: &str) -> Option<String> {
         self.0.get(device).cloned()

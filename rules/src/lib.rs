@@ -9,11 +9,13 @@
 //! # Layout
 //! - [`sandbox`]: the Rhai sandbox user rules run in (limits, deadline, script API).
 //! - [`engine`]: rules, selectors, ownership, alarm lifecycle, failure isolation.
+//! - [`files`]: rules as `.rhai` files in a directory, reloaded while running.
 //! - [`Evaluator`]: evaluate one record, return alerts.
 //! - [`Alert`]: what an evaluation raises; the payload of the alerts topic.
 //! - [`NoRules`]: the evaluator with no rules.
 
 pub mod engine;
+pub mod files;
 pub mod sandbox;
 
 use async_trait::async_trait;

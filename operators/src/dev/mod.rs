@@ -30,7 +30,9 @@ use iotpipe_pipeline::runtime::{
     run_ingest, run_operator, IngestRunConfig, Operator, OperatorError, RunConfig,
 };
 use iotpipe_pipeline::store::StoreError;
-use iotpipe_rules::NoRules;
+use iotpipe_rules::engine::{RuleEngine, SingleOwner};
+use iotpipe_rules::files::RuleDir;
+use iotpipe_rules::sandbox::{Limits as RuleLimits, Sandbox};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -222,16 +224,36 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             fatal.clone(),
         ),
     ];
-    if cfg.rules.enabled {
+    if cfg.rules.enabled || cfg.rules.dir.is_some() {
+        let engine = Arc::new(RuleEngine::new(
+            Sandbox::new(RuleLimits::default()),
+            Arc::new(SingleOwner("local".into())),
+            3,
+        ));
+        if let Some(dir) = &cfg.rules.dir {
+            let cooldown = i64::try_from(cfg.rules.cooldown.as_millis()).unwrap_or(i64::MAX);
+            let mut files = RuleDir::new(dir, "local", cooldown);
+            for e in files.sync(&engine) {
+                say!("rule error: {e}");
+            }
+            // Re-read the directory every second: edits take effect without a restart.
+            let (engine, stop) = (engine.clone(), stage2.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = stop.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                    for e in files.sync(&engine) {
+                        say!("rule error: {e}");
+                    }
+                }
+            });
+        }
         stage2_tasks.push(spawn_op(
             "rules",
             log.subscribe(&topics.telemetry, "rules").await?,
-            Rules::new(
-                Arc::new(NoRules),
-                log.clone(),
-                topics.clone(),
-                metrics.clone(),
-            ),
+            Rules::new(engine, log.clone(), topics.clone(), metrics.clone()),
             run_cfg(cfg.rules.max_batch),
             stage2.clone(),
             metrics.clone(),

@@ -21,8 +21,13 @@ use crate::materialize::decode_records;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RulesConfig {
-    /// Run the rules operator. Off until rules exist (step 3 adds the rule engine and rule files).
+    /// Run the rules operator (also implied by `dir`).
     pub enabled: bool,
+    /// `iotpipe dev`: a directory of `NAME.rhai` rule files, re-read while running.
+    pub dir: Option<std::path::PathBuf>,
+    /// Cooldown after a clear before the same alarm may be raised again (event time).
+    #[serde(with = "humantime_serde")]
+    pub cooldown: std::time::Duration,
     /// Most records evaluated per batch.
     pub max_batch: usize,
 }
@@ -31,6 +36,8 @@ impl Default for RulesConfig {
     fn default() -> Self {
         Self {
             enabled: false,
+            dir: None,
+            cooldown: std::time::Duration::ZERO,
             max_batch: 500,
         }
     }

@@ -1,0 +1,82 @@
+//! Rules in `iotpipe dev`: rule files in a directory raise alerts that reach WebSocket clients, and
+//! a rule added while running takes effect without a restart.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Dev, Publisher};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rule_files_raise_alerts_and_reload_while_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::write(
+        rules.join("hot.rhai"),
+        r#"if (metrics.t ?? 0) > 30 { alert("warning", `hot ${metrics.t}`) } else { clear() }"#,
+    )
+    .unwrap();
+    let dev = Dev::start(
+        &dir.path().join("data"),
+        0,
+        &["--rules-dir", rules.to_str().unwrap()],
+    );
+    let mut ws = dev.ws().await;
+    ws.send(json!({"op": "subscribe", "devices": ["*"]})).await;
+    assert_eq!(ws.next().await.unwrap()["type"], "subscribed");
+
+    let mut p = Publisher::new(dev.mqtt, "rules-pub");
+    let t0 = iotpipe_pipeline::time::now_ms() - 10_000;
+    p.publish(
+        "devices/r-1/telemetry",
+        json!({"ts": t0, "t": 35}).to_string().as_bytes(),
+        Duration::from_secs(10),
+    )
+    .await;
+    let a = ws.next_of("alert").await;
+    assert_eq!(
+        (
+            a["kind"].as_str(),
+            a["rule"].as_str(),
+            a["device"].as_str(),
+            a["text"].as_str()
+        ),
+        (Some("raised"), Some("hot"), Some("r-1"), Some("hot 35"))
+    );
+
+    // A new rule file, and a broken one, while running.
+    std::fs::write(
+        rules.join("cold.rhai"),
+        r#"if (metrics.t ?? 100) < 10 { alert("critical", "cold") }"#,
+    )
+    .unwrap();
+    std::fs::write(rules.join("broken.rhai"), "if metrics.t > { }").unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    p.publish(
+        "devices/r-1/telemetry",
+        json!({"ts": t0 + 1000, "t": 5}).to_string().as_bytes(),
+        Duration::from_secs(10),
+    )
+    .await;
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let a = ws.next_of("alert").await;
+        got.push((
+            a["rule"].as_str().unwrap().to_owned(),
+            a["kind"].as_str().unwrap().to_owned(),
+        ));
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            ("cold".to_owned(), "raised".to_owned()),
+            ("hot".to_owned(), "cleared".to_owned())
+        ]
+    );
+    dev.stop();
+}
