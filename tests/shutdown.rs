@@ -67,11 +67,25 @@ async fn sigterm_mid_stream_loses_nothing_acknowledged() {
         .await
         .unwrap()
         .unwrap();
-    let hist = dev
-        .wait_for("/v1/devices/sd-1/history?limit=1000", |_, v| {
-            v["items"].as_array().map_or(0, Vec::len) >= N
-        })
-        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let hist = loop {
+        let (_, hist) = dev.get("/v1/devices/sd-1/history?limit=1000").await;
+        let len = hist["items"].as_array().map_or(0, Vec::len);
+        if len >= N {
+            break hist;
+        }
+        if std::time::Instant::now() > deadline {
+            let have: BTreeSet<u64> = hist["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["metrics"]["n"].as_u64().unwrap())
+                .collect();
+            let missing: Vec<u64> = (0..N as u64).filter(|n| !have.contains(n)).collect();
+            panic!("{len} of {N} in history; missing {missing:?} (acked before shutdown: {before}, at stop: {during})");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let items = hist["items"].as_array().unwrap();
     let ns: BTreeSet<u64> = items
         .iter()

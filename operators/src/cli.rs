@@ -48,8 +48,9 @@ enum Command {
     Materialize(ProcessArgs),
     /// Distributed mode: write telemetry history to DynamoDB (`history init` creates the table).
     History(HistoryArgs),
-    /// Distributed mode: evaluate subscription rules and emit alerts.
-    Rules(ProcessArgs),
+    /// Distributed mode: evaluate subscription rules and emit alerts; `check|test|backtest` help
+    /// rule authors.
+    Rules(RulesArgs),
     /// Distributed mode: HTTP API, WebSocket push and dashboard.
     Fanout(ProcessArgs),
     /// Distributed mode: every operator in one process.
@@ -100,6 +101,52 @@ struct HistoryArgs {
     process: ProcessArgs,
     #[command(subcommand)]
     action: Option<HistoryAction>,
+}
+
+#[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct RulesArgs {
+    #[command(flatten)]
+    process: ProcessArgs,
+    #[command(subcommand)]
+    action: Option<RulesAction>,
+}
+
+#[derive(Debug, Subcommand)]
+enum RulesAction {
+    /// Compile every `.rhai` file of PATH (a file or directory); list errors as file:line:col.
+    Check {
+        /// A rule file or a directory of them.
+        path: PathBuf,
+    },
+    /// Run a rule over records (JSON lines `{"device","ts","metrics"}`); print each raise and clear.
+    Test {
+        /// The rule file.
+        rule: PathBuf,
+        /// The records.
+        #[arg(long, value_name = "FILE.jsonl")]
+        input: PathBuf,
+    },
+    /// Run a rule over a device's stored history, sending nothing; print what it would have raised.
+    Backtest {
+        /// The rule file.
+        rule: PathBuf,
+        /// The device.
+        #[arg(long)]
+        device: String,
+        /// Start, epoch ms or RFC 3339.
+        #[arg(long)]
+        from: String,
+        /// End, epoch ms or RFC 3339.
+        #[arg(long)]
+        to: String,
+        /// A running instance's HTTP address (iotpipe dev or fanout).
+        #[arg(long, value_name = "ADDR", conflicts_with = "data_dir")]
+        api: Option<SocketAddr>,
+        /// The data directory of a stopped `iotpipe dev`.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -240,7 +287,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             process,
             action: None,
         }) => run_process(Role::History, process, cli.log_format, &cli.log_level),
-        Command::Rules(a) => run_process(Role::Rules, a, cli.log_format, &cli.log_level),
+        Command::Rules(RulesArgs {
+            process,
+            action: None,
+        }) => run_process(Role::Rules, process, cli.log_format, &cli.log_level),
+        Command::Rules(RulesArgs {
+            action: Some(action),
+            ..
+        }) => rules_tool(action),
         Command::Fanout(a) => run_process(Role::Fanout, a, cli.log_format, &cli.log_level),
         Command::All(a) => run_process(Role::All, a, cli.log_format, &cli.log_level),
         Command::Dev(args) => {
@@ -288,4 +342,36 @@ fn run_process(
         let shutdown = shutdown_on_signals();
         crate::distributed::run(role, cfg, args.http_listen, shutdown).await
     })
+}
+
+fn rules_tool(action: RulesAction) -> anyhow::Result<()> {
+    use crate::rules::tools;
+    match action {
+        RulesAction::Check { path } => {
+            if tools::check(&path)? {
+                Ok(())
+            } else {
+                anyhow::bail!("some rules do not compile")
+            }
+        }
+        RulesAction::Test { rule, input } => tools::test(&rule, &input),
+        RulesAction::Backtest {
+            rule,
+            device,
+            from,
+            to,
+            api,
+            data_dir,
+        } => {
+            let source = match (api, data_dir) {
+                (_, Some(dir)) => tools::HistorySource::DataDir(dir),
+                (Some(addr), None) => tools::HistorySource::Api(addr),
+                (None, None) => tools::HistorySource::Api(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(tools::backtest(&rule, &device, &from, &to, source))
+        }
+    }
 }

@@ -381,7 +381,7 @@ impl Default for IngestRunConfig {
     fn default() -> Self {
         Self {
             max_batch: 1000,
-            drain_idle: Duration::from_millis(300),
+            drain_idle: Duration::from_secs(1),
             drain_source: true,
             backoff: Backoff::default(),
         }

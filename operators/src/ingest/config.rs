@@ -34,7 +34,7 @@ impl Default for IngestConfig {
             client_id: "iotpipe-ingest".into(),
             keep_alive: Duration::from_secs(30),
             max_batch: 1000,
-            drain_idle: Duration::from_millis(300),
+            drain_idle: Duration::from_secs(1),
         }
     }
 }

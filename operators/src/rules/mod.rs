@@ -5,6 +5,8 @@
 //! engine. The operator runs in its own consumer group, so a slow or failing rule never delays
 //! latest state, history or fanout.
 
+pub mod tools;
+
 use std::sync::Arc;
 
 use async_trait::async_trait;
