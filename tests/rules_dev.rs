@@ -80,3 +80,53 @@ async fn rule_files_raise_alerts_and_reload_while_running() {
     );
     dev.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_neither_re_raises_nor_forgets_an_active_alarm() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::write(
+        rules.join("hot.rhai"),
+        r#"if (metrics.t ?? 0) > 30 { alert("warning", "hot") } else { clear() }"#,
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let t0 = iotpipe_pipeline::time::now_ms() - 10_000;
+    {
+        let dev = Dev::start(&data, 0, &["--rules-dir", rules.to_str().unwrap()]);
+        let mut ws = dev.ws().await;
+        ws.send(json!({"op": "subscribe", "devices": ["*"]})).await;
+        assert_eq!(ws.next().await.unwrap()["type"], "subscribed");
+        let mut p = Publisher::new(dev.mqtt, "restart-pub");
+        p.publish(
+            "devices/r-2/telemetry",
+            json!({"ts": t0, "t": 35}).to_string().as_bytes(),
+            Duration::from_secs(10),
+        )
+        .await;
+        assert_eq!(ws.next_of("alert").await["kind"], "raised");
+        dev.stop();
+    }
+    let dev = Dev::start(&data, 0, &["--rules-dir", rules.to_str().unwrap()]);
+    let mut ws = dev.ws().await;
+    ws.send(json!({"op": "subscribe", "devices": ["*"]})).await;
+    assert_eq!(ws.next_of("subscribed").await["type"], "subscribed");
+    let mut p = Publisher::new(dev.mqtt, "restart-pub2");
+    p.publish(
+        "devices/r-2/telemetry",
+        json!({"ts": t0 + 1000, "t": 36}).to_string().as_bytes(),
+        Duration::from_secs(10),
+    )
+    .await;
+    p.publish(
+        "devices/r-2/telemetry",
+        json!({"ts": t0 + 2000, "t": 20}).to_string().as_bytes(),
+        Duration::from_secs(10),
+    )
+    .await;
+    // The first alert after the restart is the clear: the active alarm was neither raised again
+    // nor forgotten.
+    assert_eq!(ws.next_of("alert").await["kind"], "cleared");
+    dev.stop();
+}

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use tracing::warn;
 
 use crate::sandbox::{Action, Compiled, Input, RuleError, Sandbox};
-use crate::{Alert, AlertKind, Evaluator};
+use crate::{Alert, AlertKind, Evaluator, StateStore};
 
 /// Which devices a rule applies to (always within its owner's devices).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -135,6 +135,34 @@ struct DeviceRuleState {
     cleared_at: Option<i64>,
 }
 
+impl DeviceRuleState {
+    fn encode(&self) -> Vec<u8> {
+        let state: serde_json::Value =
+            rhai::serde::from_dynamic(&rhai::Dynamic::from_map(self.state.clone()))
+                .unwrap_or(serde_json::Value::Null);
+        serde_json::json!({"state": state, "active": self.active, "cleared_at": self.cleared_at})
+            .to_string()
+            .into_bytes()
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+        let state = rhai::serde::to_dynamic(&v["state"])
+            .ok()?
+            .try_cast::<rhai::Map>()
+            .unwrap_or_default();
+        Some(Self {
+            state,
+            active: v["active"].as_bool().unwrap_or(false),
+            cleared_at: v["cleared_at"].as_i64(),
+        })
+    }
+}
+
+fn state_key(rule: &str, device: &str) -> String {
+    format!("rule-state/{rule}/{device}")
+}
+
 /// Failures of rules, for metrics and logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
@@ -154,6 +182,8 @@ pub struct RuleEngine {
     states: Mutex<HashMap<(String, String), DeviceRuleState>>,
     max_consecutive_failures: u32,
     failures: Mutex<Vec<Failure>>,
+    store: Option<Arc<dyn StateStore>>,
+    dirty: Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 impl RuleEngine {
@@ -170,7 +200,33 @@ impl RuleEngine {
             states: Mutex::new(HashMap::new()),
             max_consecutive_failures: max_consecutive_failures.max(1),
             failures: Mutex::new(Vec::new()),
+            store: None,
+            dirty: Mutex::new(std::collections::HashSet::new()),
         }
+    }
+
+    /// Keeps rule state and alarms in `store`: loaded on first use, saved by [`Evaluator::flush`].
+    #[must_use]
+    pub fn with_store(mut self, store: Arc<dyn StateStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    fn applicable(&self, record: &Record) -> Vec<Arc<Loaded>> {
+        let Some(owner) = self.owners.owner_of(&record.device) else {
+            return Vec::new();
+        };
+        self.rules
+            .read()
+            .iter()
+            .filter(|r| {
+                r.rule.enabled
+                    && !r.disabled.load(Ordering::Relaxed)
+                    && r.rule.owner == owner
+                    && r.rule.selector.matches(&record.device)
+            })
+            .cloned()
+            .collect()
     }
 
     /// Adds or replaces a rule (by id), compiling its script once.
@@ -212,20 +268,10 @@ impl RuleEngine {
 
     /// Evaluates every applicable rule on `record` (synchronously).
     pub fn evaluate_record(&self, record: &Record) -> Vec<Alert> {
-        let Some(owner) = self.owners.owner_of(&record.device) else {
-            return Vec::new();
-        };
-        let rules: Vec<Arc<Loaded>> = self.rules.read().clone();
         let mut out = Vec::new();
-        for r in rules {
-            if !r.rule.enabled
-                || r.disabled.load(Ordering::Relaxed)
-                || r.rule.owner != owner
-                || !r.rule.selector.matches(&record.device)
-            {
-                continue;
-            }
+        for r in self.applicable(record) {
             let key = (r.rule.id.clone(), record.device.clone());
+            self.dirty.lock().insert(key.clone());
             let mut states = self.states.lock();
             let st = states.entry(key).or_default();
             let input = Input {
@@ -319,7 +365,47 @@ fn lifecycle(
 #[async_trait]
 impl Evaluator for RuleEngine {
     async fn evaluate(&self, record: &Record) -> Vec<Alert> {
+        if let Some(store) = &self.store {
+            // Load the stored state of each applicable rule for this device on first use.
+            for r in self.applicable(record) {
+                let key = (r.rule.id.clone(), record.device.clone());
+                if self.states.lock().contains_key(&key) {
+                    continue;
+                }
+                let loaded = match store.load(&state_key(&key.0, &key.1)).await {
+                    Ok(Some(bytes)) => DeviceRuleState::decode(&bytes).unwrap_or_default(),
+                    Ok(None) => DeviceRuleState::default(),
+                    Err(e) => {
+                        // Evaluating without the stored state could re-raise an active alarm;
+                        // leave it unloaded so the next record tries again.
+                        warn!(rule = %key.0, device = %key.1, error = %e, "Cannot load rule state.");
+                        continue;
+                    }
+                };
+                self.states.lock().entry(key).or_insert(loaded);
+            }
+        }
         self.evaluate_record(record)
+    }
+
+    async fn flush(&self) -> Result<(), String> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let dirty: Vec<(String, String)> = self.dirty.lock().drain().collect();
+        let entries: Vec<(String, Vec<u8>)> = {
+            let states = self.states.lock();
+            dirty
+                .iter()
+                .filter_map(|k| states.get(k).map(|s| (state_key(&k.0, &k.1), s.encode())))
+                .collect()
+        };
+        if let Err(e) = store.save(entries).await {
+            // Keep them dirty for the retry.
+            self.dirty.lock().extend(dirty);
+            return Err(e);
+        }
+        Ok(())
     }
 }
 

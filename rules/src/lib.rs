@@ -59,6 +59,32 @@ pub trait Evaluator: Send + Sync + 'static {
     /// Runs every rule that applies to `record`'s device; returns the alerts raised. Must not fail
     /// for the whole record because one rule failed: failures are the engine's to count and report.
     async fn evaluate(&self, record: &Record) -> Vec<Alert>;
+
+    /// Makes the state changed by the evaluations so far durable. The rules operator calls it at
+    /// the end of each batch, after appending the batch's alerts and before committing.
+    ///
+    /// # Errors
+    /// A description; the batch is then retried.
+    async fn flush(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Durable storage of rule state (the script's `state` map and the alarm), so that a restart
+/// neither re-raises an active alarm nor forgets it.
+#[async_trait]
+pub trait StateStore: Send + Sync + 'static {
+    /// The stored value of `key`.
+    ///
+    /// # Errors
+    /// A description when the store fails.
+    async fn load(&self, key: &str) -> Result<Option<Vec<u8>>, String>;
+
+    /// Stores every pair durably, all or nothing.
+    ///
+    /// # Errors
+    /// A description when the store fails.
+    async fn save(&self, entries: Vec<(String, Vec<u8>)>) -> Result<(), String>;
 }
 
 /// The evaluator with no rules: raises nothing.

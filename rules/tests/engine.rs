@@ -176,3 +176,54 @@ fn a_script_that_does_not_compile_is_refused_and_the_old_version_stays() {
         vec![("r".into(), AlertKind::Raised)]
     );
 }
+
+/// An in-memory [`StateStore`] standing in for the durable one.
+#[derive(Default)]
+struct MemStore(parking_lot::Mutex<HashMap<String, Vec<u8>>>);
+
+#[async_trait::async_trait]
+impl iotpipe_rules::StateStore for MemStore {
+    async fn load(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+        Ok(self.0.lock().get(key).cloned())
+    }
+    async fn save(&self, entries: Vec<(String, Vec<u8>)>) -> Result<(), String> {
+        self.0.lock().extend(entries);
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_restarted_engine_neither_re_raises_nor_forgets() {
+    use iotpipe_rules::Evaluator;
+    let store = Arc::new(MemStore::default());
+    let counting = r#"state.n = (state.n ?? 0) + 1; if (metrics.t ?? 0) > 30 { alert("warning", `n=${state.n}`) } else { clear() }"#;
+    let first = engine(&[("d1", "alice")]).with_store(store.clone());
+    first
+        .upsert(rule("hot", "alice", Selector::All, counting, 0))
+        .unwrap();
+    assert_eq!(
+        kinds(&first.evaluate(&rec("d1", T0, json!({"t": 35}))).await),
+        vec![("hot".into(), AlertKind::Raised)]
+    );
+    first.flush().await.unwrap();
+    drop(first);
+
+    let second = engine(&[("d1", "alice")]).with_store(store.clone());
+    second
+        .upsert(rule("hot", "alice", Selector::All, counting, 0))
+        .unwrap();
+    // Still above: the alarm is already active, so nothing is raised again.
+    assert!(second
+        .evaluate(&rec("d1", T0 + 1000, json!({"t": 36})))
+        .await
+        .is_empty());
+    // And it is not forgotten: the drop clears it, and the script's counter went on.
+    let cleared = second
+        .evaluate(&rec("d1", T0 + 2000, json!({"t": 20})))
+        .await;
+    assert_eq!(kinds(&cleared), vec![("hot".into(), AlertKind::Cleared)]);
+    let again = second
+        .evaluate(&rec("d1", T0 + 3000, json!({"t": 40})))
+        .await;
+    assert_eq!(again[0].text, "n=4");
+}

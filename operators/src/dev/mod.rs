@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
-use iotpipe_pipeline::embedded::{MemLog, RedbDeadLetters, RedbHistory, RedbLatest};
+use iotpipe_pipeline::embedded::{MemLog, RedbDeadLetters, RedbHistory, RedbKv, RedbLatest};
 use iotpipe_pipeline::health::Readiness;
 use iotpipe_pipeline::log::Log;
 use iotpipe_pipeline::metrics::Metrics;
@@ -225,11 +225,16 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         ),
     ];
     if cfg.rules.enabled || cfg.rules.dir.is_some() {
-        let engine = Arc::new(RuleEngine::new(
-            Sandbox::new(RuleLimits::default()),
-            Arc::new(SingleOwner("local".into())),
-            3,
-        ));
+        // Rule state and active alarms survive restarts: a restart neither re-raises nor forgets.
+        let kv = RedbKv::open(&p("rules.redb")).map_err(|e| open_err(&p("rules.redb"), e))?;
+        let engine = Arc::new(
+            RuleEngine::new(
+                Sandbox::new(RuleLimits::default()),
+                Arc::new(SingleOwner("local".into())),
+                3,
+            )
+            .with_store(Arc::new(crate::rules::KvStateStore(kv))),
+        );
         if let Some(dir) = &cfg.rules.dir {
             let cooldown = i64::try_from(cfg.rules.cooldown.as_millis()).unwrap_or(i64::MAX);
             let mut files = RuleDir::new(dir, "local", cooldown);

@@ -19,6 +19,20 @@ use serde::{Deserialize, Serialize};
 
 use crate::materialize::decode_records;
 
+/// Rule state in an embedded key-value table (`iotpipe dev`).
+pub struct KvStateStore(pub iotpipe_pipeline::embedded::RedbKv);
+
+#[async_trait]
+impl iotpipe_rules::StateStore for KvStateStore {
+    async fn load(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
+        self.0.get(key).await.map_err(|e| e.to_string())
+    }
+
+    async fn save(&self, entries: Vec<(String, Vec<u8>)>) -> Result<(), String> {
+        self.0.put_many(entries).await.map_err(|e| e.to_string())
+    }
+}
+
 /// Settings of the rules operator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -90,6 +104,12 @@ impl Operator for Rules {
         if !alerts.is_empty() {
             self.log.append(&self.topics.alerts, alerts).await?;
         }
+        // Alerts first, then state: a crash in between replays the batch and may raise an alert
+        // twice, but never loses one.
+        self.evaluator
+            .flush()
+            .await
+            .map_err(OperatorError::external)?;
         Ok(())
     }
 }

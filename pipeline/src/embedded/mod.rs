@@ -8,11 +8,13 @@
 
 mod dead_letters;
 mod history;
+mod kv;
 mod latest;
 mod mem_log;
 
 pub use dead_letters::RedbDeadLetters;
 pub use history::RedbHistory;
+pub use kv::RedbKv;
 pub use latest::RedbLatest;
 pub use mem_log::MemLog;
 
