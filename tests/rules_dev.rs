@@ -130,3 +130,44 @@ async fn a_restart_neither_re_raises_nor_forgets_an_active_alarm() {
     assert_eq!(ws.next_of("alert").await["kind"], "cleared");
     dev.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silence_rule_fires_on_the_timer_when_a_device_stops_sending() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir_all(&rules).unwrap();
+    std::fs::write(
+        rules.join("silent.rhai"),
+        r#"if tick { if state.last != () && now - state.last > 2000 { alert("warning", "no data") } } else { state.last = ts; clear() }"#,
+    )
+    .unwrap();
+    let dev = Dev::start(
+        &dir.path().join("data"),
+        0,
+        &["--rules-dir", rules.to_str().unwrap()],
+    );
+    let mut ws = dev.ws().await;
+    ws.send(json!({"op": "subscribe", "devices": ["*"]})).await;
+    assert_eq!(ws.next().await.unwrap()["type"], "subscribed");
+    let mut p = Publisher::new(dev.mqtt, "silent-pub");
+    let sent = std::time::Instant::now();
+    p.publish(
+        "devices/quiet-1/telemetry",
+        json!({"t": 1}).to_string().as_bytes(),
+        Duration::from_secs(10),
+    )
+    .await;
+    let a = ws
+        .try_next_of("alert", Duration::from_secs(10))
+        .await
+        .expect("the silence alert");
+    assert_eq!(
+        (a["kind"].as_str(), a["text"].as_str(), a["device"].as_str()),
+        (Some("raised"), Some("no data"), Some("quiet-1"))
+    );
+    assert!(
+        sent.elapsed() >= Duration::from_secs(2),
+        "not before the device was silent for 2 s"
+    );
+    dev.stop();
+}

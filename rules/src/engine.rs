@@ -15,11 +15,11 @@
 //! that restarts neither re-fire nor forget is the next step (Redis / the embedded store).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use iotpipe_pipeline::record::Record;
+use iotpipe_pipeline::record::{Record, RecordId};
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
@@ -184,6 +184,8 @@ pub struct RuleEngine {
     failures: Mutex<Vec<Failure>>,
     store: Option<Arc<dyn StateStore>>,
     dirty: Mutex<std::collections::HashSet<(String, String)>>,
+    watermark: AtomicI64,
+    watermark_seen_at: AtomicI64,
 }
 
 impl RuleEngine {
@@ -202,6 +204,8 @@ impl RuleEngine {
             failures: Mutex::new(Vec::new()),
             store: None,
             dirty: Mutex::new(std::collections::HashSet::new()),
+            watermark: AtomicI64::new(i64::MIN),
+            watermark_seen_at: AtomicI64::new(0),
         }
     }
 
@@ -269,57 +273,128 @@ impl RuleEngine {
     /// Evaluates every applicable rule on `record` (synchronously).
     pub fn evaluate_record(&self, record: &Record) -> Vec<Alert> {
         let mut out = Vec::new();
+        if record.ts > self.watermark.fetch_max(record.ts, Ordering::Relaxed) {
+            self.watermark_seen_at
+                .store(iotpipe_pipeline::time::now_ms(), Ordering::Relaxed);
+        }
         for r in self.applicable(record) {
-            let key = (r.rule.id.clone(), record.device.clone());
-            self.dirty.lock().insert(key.clone());
-            let mut states = self.states.lock();
-            let st = states.entry(key).or_default();
-            let input = Input {
+            let at = At {
                 device: &record.device,
                 ts: record.ts,
-                now: record.ts,
-                metrics: &record.metrics,
-                prev: None,
+                record_id: &record.id,
             };
-            match self.sandbox.evaluate(&r.compiled, &input, &mut st.state) {
-                Ok(actions) => {
-                    r.failures.store(0, Ordering::Relaxed);
-                    lifecycle(&r.rule, record, st, &actions, &mut out);
-                }
-                Err(error) => {
-                    let n = r.failures.fetch_add(1, Ordering::Relaxed) + 1;
-                    warn!(rule = %r.rule.id, device = %record.device, error = %error, consecutive = n, "Rule failed.");
-                    self.failures.lock().push(Failure {
-                        rule: r.rule.id.clone(),
-                        device: record.device.clone(),
-                        error: error.clone(),
-                    });
-                    if n >= self.max_consecutive_failures
-                        && !r.disabled.swap(true, Ordering::Relaxed)
-                    {
-                        out.push(Alert {
-                            rule: r.rule.id.clone(),
-                            device: record.device.clone(),
-                            ts: record.ts,
-                            kind: AlertKind::RuleDisabled,
-                            severity: "error".into(),
-                            text: format!(
-                                "rule `{}` disabled after {n} consecutive failures; last: {error}",
-                                r.rule.name
-                            ),
-                            record_id: record.id.clone(),
-                        });
-                    }
-                }
-            }
+            self.evaluate_one(&r, at, &record.metrics, false, &mut out);
         }
         out
     }
+
+    /// Evaluates every rule for every device it has state for, as of event time `now`, with no
+    /// record (`tick` is true, `metrics` empty): how "no data for 10 minutes" is written. The
+    /// rules operator calls it every second with [`RuleEngine::event_time`].
+    pub fn tick(&self, now: i64) -> Vec<Alert> {
+        let keys: Vec<(String, String)> = self.states.lock().keys().cloned().collect();
+        let rules: Vec<Arc<Loaded>> = self.rules.read().clone();
+        let empty = serde_json::Map::new();
+        let no_record = RecordId(String::new());
+        let mut out = Vec::new();
+        for (rule_id, device) in keys {
+            let Some(r) = rules.iter().find(|r| r.rule.id == rule_id) else {
+                continue;
+            };
+            let owned = self
+                .owners
+                .owner_of(&device)
+                .is_some_and(|o| o == r.rule.owner);
+            if !r.rule.enabled
+                || r.disabled.load(Ordering::Relaxed)
+                || !owned
+                || !r.rule.selector.matches(&device)
+            {
+                continue;
+            }
+            let at = At {
+                device: &device,
+                ts: now,
+                record_id: &no_record,
+            };
+            self.evaluate_one(r, at, &empty, true, &mut out);
+        }
+        out
+    }
+
+    /// The engine's event time: the newest record ts seen, moved on by the wall-clock time since
+    /// that record arrived, so that timers keep running when every device has gone quiet.
+    pub fn event_time(&self, wall_now: i64) -> i64 {
+        let mark = self.watermark.load(Ordering::Relaxed);
+        if mark == i64::MIN {
+            return wall_now;
+        }
+        mark + (wall_now - self.watermark_seen_at.load(Ordering::Relaxed)).max(0)
+    }
+
+    fn evaluate_one(
+        &self,
+        r: &Loaded,
+        at: At<'_>,
+        metrics: &serde_json::Map<String, serde_json::Value>,
+        tick: bool,
+        out: &mut Vec<Alert>,
+    ) {
+        let key = (r.rule.id.clone(), at.device.to_owned());
+        self.dirty.lock().insert(key.clone());
+        let mut states = self.states.lock();
+        let st = states.entry(key).or_default();
+        let input = Input {
+            device: at.device,
+            ts: at.ts,
+            now: at.ts,
+            metrics,
+            prev: None,
+            tick,
+        };
+        match self.sandbox.evaluate(&r.compiled, &input, &mut st.state) {
+            Ok(actions) => {
+                r.failures.store(0, Ordering::Relaxed);
+                lifecycle(&r.rule, at, st, &actions, out);
+            }
+            Err(error) => {
+                let n = r.failures.fetch_add(1, Ordering::Relaxed) + 1;
+                warn!(rule = %r.rule.id, device = %at.device, error = %error, consecutive = n, "Rule failed.");
+                self.failures.lock().push(Failure {
+                    rule: r.rule.id.clone(),
+                    device: at.device.to_owned(),
+                    error: error.clone(),
+                });
+                if n >= self.max_consecutive_failures && !r.disabled.swap(true, Ordering::Relaxed) {
+                    out.push(Alert {
+                        rule: r.rule.id.clone(),
+                        device: at.device.to_owned(),
+                        ts: at.ts,
+                        kind: AlertKind::RuleDisabled,
+                        severity: "error".into(),
+                        text: format!(
+                            "rule `{}` disabled after {n} consecutive failures; last: {error}",
+                            r.rule.name
+                        ),
+                        record_id: at.record_id.clone(),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Where an evaluation happens: device, event time, and the record (empty id for timers).
+#[derive(Clone, Copy)]
+struct At<'a> {
+    device: &'a str,
+    ts: i64,
+    record_id: &'a RecordId,
 }
 
 fn lifecycle(
     rule: &Rule,
-    record: &Record,
+    at: At<'_>,
     st: &mut DeviceRuleState,
     actions: &[Action],
     out: &mut Vec<Alert>,
@@ -330,32 +405,32 @@ fn lifecycle(
         Action::Alert { severity, text } => {
             let cooling = st
                 .cleared_at
-                .is_some_and(|at| record.ts - at < rule.cooldown_ms);
+                .is_some_and(|cleared| at.ts - cleared < rule.cooldown_ms);
             if !st.active && !cooling {
                 st.active = true;
                 out.push(Alert {
                     rule: rule.id.clone(),
-                    device: record.device.clone(),
-                    ts: record.ts,
+                    device: at.device.to_owned(),
+                    ts: at.ts,
                     kind: AlertKind::Raised,
                     severity: severity.clone(),
                     text: text.clone(),
-                    record_id: record.id.clone(),
+                    record_id: at.record_id.clone(),
                 });
             }
         }
         Action::Clear => {
             if st.active {
                 st.active = false;
-                st.cleared_at = Some(record.ts);
+                st.cleared_at = Some(at.ts);
                 out.push(Alert {
                     rule: rule.id.clone(),
-                    device: record.device.clone(),
-                    ts: record.ts,
+                    device: at.device.to_owned(),
+                    ts: at.ts,
                     kind: AlertKind::Cleared,
                     severity: "info".into(),
                     text: format!("{} cleared", rule.name),
-                    record_id: record.id.clone(),
+                    record_id: at.record_id.clone(),
                 });
             }
         }
@@ -386,6 +461,11 @@ impl Evaluator for RuleEngine {
             }
         }
         self.evaluate_record(record)
+    }
+
+    async fn on_timer(&self, wall_now_ms: i64) -> Vec<Alert> {
+        let now = self.event_time(wall_now_ms);
+        self.tick(now)
     }
 
     async fn flush(&self) -> Result<(), String> {

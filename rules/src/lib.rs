@@ -68,6 +68,13 @@ pub trait Evaluator: Send + Sync + 'static {
     async fn flush(&self) -> Result<(), String> {
         Ok(())
     }
+
+    /// Called about once a second with the wall clock: runs timer evaluations ("no data for 10
+    /// minutes") and returns their alerts.
+    async fn on_timer(&self, wall_now_ms: i64) -> Vec<Alert> {
+        let _ = wall_now_ms;
+        Vec::new()
+    }
 }
 
 /// Durable storage of rule state (the script's `state` map and the alarm), so that a restart

@@ -160,6 +160,8 @@ pub struct Input<'a> {
     pub metrics: &'a serde_json::Map<String, serde_json::Value>,
     /// The device's previous latest state.
     pub prev: Option<&'a serde_json::Map<String, serde_json::Value>>,
+    /// True for a timer evaluation (no record; `metrics` is empty).
+    pub tick: bool,
 }
 
 thread_local! {
@@ -175,7 +177,7 @@ pub struct Sandbox {
     limits: Limits,
 }
 
-const VARIABLES: [&str; 6] = ["device", "ts", "now", "metrics", "prev", "state"];
+const VARIABLES: [&str; 7] = ["device", "ts", "now", "metrics", "prev", "state", "tick"];
 
 impl Sandbox {
     /// Builds the engine with `limits`.
@@ -274,6 +276,7 @@ impl Sandbox {
         scope.push("device", input.device.to_owned());
         scope.push("ts", input.ts);
         scope.push("now", input.now);
+        scope.push("tick", input.tick);
         scope.push("metrics", to_dyn(input.metrics));
         scope.push("prev", input.prev.map_or(Dynamic::UNIT, to_dyn));
         scope.push("state", state.clone());

@@ -227,3 +227,50 @@ async fn a_restarted_engine_neither_re_raises_nor_forgets() {
         .await;
     assert_eq!(again[0].text, "n=4");
 }
+
+#[test]
+fn no_data_for_10_minutes_fires_on_a_timer_by_event_time() {
+    let e = engine(&[("d1", "alice")]);
+    let script = r#"
+        if tick {
+            if state.last != () && now - state.last > 10 * 60 * 1000 { alert("warning", "no data for 10 minutes") }
+        } else {
+            state.last = ts;
+            clear();
+        }
+    "#;
+    e.upsert(rule("silent", "alice", Selector::All, script, 0))
+        .unwrap();
+    assert!(e
+        .evaluate_record(&rec("d1", T0, json!({"t": 1})))
+        .is_empty());
+    assert!(e.tick(T0 + 5 * 60_000).is_empty());
+    let fired = e.tick(T0 + 11 * 60_000);
+    assert_eq!(kinds(&fired), vec![("silent".into(), AlertKind::Raised)]);
+    assert_eq!(fired[0].ts, T0 + 11 * 60_000);
+    assert!(e.tick(T0 + 12 * 60_000).is_empty(), "raised once");
+    assert_eq!(
+        kinds(&e.evaluate_record(&rec("d1", T0 + 13 * 60_000, json!({"t": 2})))),
+        vec![("silent".into(), AlertKind::Cleared)]
+    );
+}
+
+#[test]
+fn event_time_follows_records_and_keeps_moving_when_all_is_quiet() {
+    let e = engine(&[("d1", "alice")]);
+    e.upsert(rule("r", "alice", Selector::All, HOT, 0)).unwrap();
+    let wall = iotpipe_pipeline::time::now_ms();
+    assert_eq!(e.event_time(wall), wall, "no record yet: wall clock");
+    e.evaluate_record(&rec("d1", T0, json!({"t": 1})));
+    let arrived = iotpipe_pipeline::time::now_ms();
+    // Right after the record, event time is its ts; with no record for ten seconds of wall
+    // time, it moved on by ten seconds.
+    assert!(e.event_time(arrived) <= T0 + 1000);
+    assert_eq!(
+        e.event_time(arrived + 10_000) - e.event_time(arrived),
+        10_000
+    );
+    // An older record does not move it back.
+    e.evaluate_record(&rec("d1", T0 - 60_000, json!({"t": 1})));
+    assert!(e.event_time(arrived) >= T0);
+}

@@ -29,6 +29,7 @@ fn run(
             now: 1000,
             metrics: &m,
             prev: None,
+            tick: false,
         },
         state,
     )

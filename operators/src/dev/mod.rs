@@ -259,7 +259,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             "rules",
             log.subscribe(&topics.telemetry, "rules").await?,
             Rules::new(engine, log.clone(), topics.clone(), metrics.clone()),
-            run_cfg(cfg.rules.max_batch),
+            // Timer rules ("no data for 10 minutes") are evaluated every second.
+            RunConfig {
+                tick: Some(Duration::from_secs(1)),
+                ..run_cfg(cfg.rules.max_batch)
+            },
             stage2.clone(),
             metrics.clone(),
             fatal.clone(),

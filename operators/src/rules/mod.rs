@@ -90,6 +90,23 @@ impl Operator for Rules {
         "rules"
     }
 
+    async fn on_tick(&mut self) -> Result<(), OperatorError> {
+        let alerts: Vec<Produce> = self
+            .evaluator
+            .on_timer(iotpipe_pipeline::time::now_ms())
+            .await
+            .iter()
+            .map(|a| Produce::json(&a.device, a))
+            .collect::<Result<_, _>>()?;
+        if !alerts.is_empty() {
+            self.log.append(&self.topics.alerts, alerts).await?;
+        }
+        self.evaluator
+            .flush()
+            .await
+            .map_err(OperatorError::external)
+    }
+
     async fn process(&mut self, batch: &[LogRecord]) -> Result<(), OperatorError> {
         let (records, letters) = decode_records(batch, Stage::Rules, &self.metrics);
         if !letters.is_empty() {
