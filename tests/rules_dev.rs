@@ -7,27 +7,39 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Dev, Publisher};
+use common::{Dev, Publisher, Ws};
 use serde_json::json;
+
+/// A rules directory holding `rules` (name, script).
+fn rules_dir(dir: &std::path::Path, rules: &[(&str, &str)]) -> std::path::PathBuf {
+    let path = dir.join("rules");
+    std::fs::create_dir_all(&path).unwrap();
+    for (name, script) in rules {
+        std::fs::write(path.join(format!("{name}.rhai")), script).unwrap();
+    }
+    path
+}
+
+/// `iotpipe dev --rules-dir` on `data`, with a WebSocket client subscribed to every device.
+async fn start(data: &std::path::Path, rules: &std::path::Path) -> (Dev, Ws) {
+    let dev = Dev::start(data, 0, &["--rules-dir", rules.to_str().unwrap()]);
+    let mut ws = dev.ws().await;
+    ws.send(json!({"op": "subscribe", "devices": ["*"]})).await;
+    assert_eq!(ws.next_of("subscribed").await["type"], "subscribed");
+    (dev, ws)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rule_files_raise_alerts_and_reload_while_running() {
     let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("rules");
-    std::fs::create_dir_all(&rules).unwrap();
-    std::fs::write(
-        rules.join("hot.rhai"),
-        r#"if (metrics.t ?? 0) > 30 { alert("warning", `hot ${metrics.t}`) } else { clear() }"#,
-    )
-    .unwrap();
-    let dev = Dev::start(
-        &dir.path().join("data"),
-        0,
-        &["--rules-dir", rules.to_str().unwrap()],
+    let rules = rules_dir(
+        dir.path(),
+        &[(
+            "hot",
+            r#"if (metrics.t ?? 0) > 30 { alert("warning", `hot ${metrics.t}`) } else { clear() }"#,
+        )],
     );
-    let mut ws = dev.ws().await;
-    ws.send(json!({"op": "subscribe", "devices": ["*"]})).await;
-    assert_eq!(ws.next().await.unwrap()["type"], "subscribed");
+    let (dev, mut ws) = start(&dir.path().join("data"), &rules).await;
 
     let mut p = Publisher::new(dev.mqtt, "rules-pub");
     let t0 = iotpipe_pipeline::time::now_ms() - 10_000;
@@ -84,20 +96,17 @@ async fn rule_files_raise_alerts_and_reload_while_running() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_neither_re_raises_nor_forgets_an_active_alarm() {
     let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("rules");
-    std::fs::create_dir_all(&rules).unwrap();
-    std::fs::write(
-        rules.join("hot.rhai"),
-        r#"if (metrics.t ?? 0) > 30 { alert("warning", "hot") } else { clear() }"#,
-    )
-    .unwrap();
+    let rules = rules_dir(
+        dir.path(),
+        &[(
+            "hot",
+            r#"if (metrics.t ?? 0) > 30 { alert("warning", "hot") } else { clear() }"#,
+        )],
+    );
     let data = dir.path().join("data");
     let t0 = iotpipe_pipeline::time::now_ms() - 10_000;
     {
-        let dev = Dev::start(&data, 0, &["--rules-dir", rules.to_str().unwrap()]);
-        let mut ws = dev.ws().await;
-        ws.send(json!({"op": "subscribe", "devices": ["*"]})).await;
-        assert_eq!(ws.next().await.unwrap()["type"], "subscribed");
+        let (dev, mut ws) = start(&data, &rules).await;
         let mut p = Publisher::new(dev.mqtt, "restart-pub");
         p.publish(
             "devices/r-2/telemetry",
@@ -134,21 +143,14 @@ async fn a_restart_neither_re_raises_nor_forgets_an_active_alarm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silence_rule_fires_on_the_timer_when_a_device_stops_sending() {
     let dir = tempfile::tempdir().unwrap();
-    let rules = dir.path().join("rules");
-    std::fs::create_dir_all(&rules).unwrap();
-    std::fs::write(
-        rules.join("silent.rhai"),
-        r#"if tick { if state.last != () && now - state.last > 2000 { alert("warning", "no data") } } else { state.last = ts; clear() }"#,
-    )
-    .unwrap();
-    let dev = Dev::start(
-        &dir.path().join("data"),
-        0,
-        &["--rules-dir", rules.to_str().unwrap()],
+    let rules = rules_dir(
+        dir.path(),
+        &[(
+            "silent",
+            r#"if tick { if state.last != () && now - state.last > 2000 { alert("warning", "no data") } } else { state.last = ts; clear() }"#,
+        )],
     );
-    let mut ws = dev.ws().await;
-    ws.send(json!({"op": "subscribe", "devices": ["*"]})).await;
-    assert_eq!(ws.next().await.unwrap()["type"], "subscribed");
+    let (dev, mut ws) = start(&dir.path().join("data"), &rules).await;
     let mut p = Publisher::new(dev.mqtt, "silent-pub");
     let sent = std::time::Instant::now();
     p.publish(

@@ -129,12 +129,12 @@ impl Ws {
             .unwrap();
     }
 
-    /// The next JSON frame (5 s timeout); `Err(code)` when the server closed the connection.
+    /// The next JSON frame (15 s timeout: generous for a loaded 2-core CI machine); `Err(code)` when the server closed the connection.
     pub async fn next(&mut self) -> Result<Value, Option<u16>> {
         loop {
-            let msg = tokio::time::timeout(Duration::from_secs(5), self.stream.next())
+            let msg = tokio::time::timeout(Duration::from_secs(15), self.stream.next())
                 .await
-                .expect("no frame within 5 s");
+                .expect("no frame within 15 s");
             match msg {
                 Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(&t).unwrap()),
                 Some(Ok(Message::Close(frame))) => return Err(frame.map(|f| u16::from(f.code))),
