@@ -118,6 +118,22 @@ async fn a_restart_neither_re_raises_nor_forgets_an_active_alarm() {
         dev.stop();
     }
     let dev = Dev::start(&data, 0, &["--rules-dir", rules.to_str().unwrap()]);
+    // Known as active right after the restart, before the device reports again.
+    let (status, alarms) = dev.get("/v1/alarms").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        alarms["alarms"].as_array().map(Vec::len),
+        Some(1),
+        "{alarms}"
+    );
+    assert_eq!(
+        (
+            alarms["alarms"][0]["rule"].as_str(),
+            alarms["alarms"][0]["device"].as_str(),
+            alarms["alarms"][0]["text"].as_str()
+        ),
+        (Some("hot"), Some("r-2"), Some("hot"))
+    );
     let mut ws = dev.ws().await;
     ws.send(json!({"op": "subscribe", "devices": ["*"]})).await;
     assert_eq!(ws.next_of("subscribed").await["type"], "subscribed");
@@ -137,6 +153,10 @@ async fn a_restart_neither_re_raises_nor_forgets_an_active_alarm() {
     // The first alert after the restart is the clear: the active alarm was neither raised again
     // nor forgotten.
     assert_eq!(ws.next_of("alert").await["kind"], "cleared");
+    dev.wait_for("/v1/alarms", |_, v| {
+        v["alarms"].as_array().is_some_and(Vec::is_empty)
+    })
+    .await;
     dev.stop();
 }
 

@@ -362,6 +362,7 @@ pub async fn run(
             info: Arc::new(info),
             ready: ready.clone(),
             history_cache: Some((cache, cfg.server.history_cache_ttl)),
+            alarms: None,
             shutdown: http_stop.clone(),
         })
     } else {

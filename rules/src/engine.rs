@@ -133,6 +133,25 @@ struct DeviceRuleState {
     state: rhai::Map,
     active: bool,
     cleared_at: Option<i64>,
+    /// What the active alarm was raised with: (ts, severity, text).
+    raised: Option<(i64, String, String)>,
+}
+
+/// An alarm that is currently active.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActiveAlarm {
+    /// The rule.
+    pub rule: String,
+    /// The rule's owner.
+    pub owner: String,
+    /// The device.
+    pub device: String,
+    /// When it was raised (event time, ms).
+    pub since: i64,
+    /// Severity it was raised with.
+    pub severity: String,
+    /// Text it was raised with.
+    pub text: String,
 }
 
 impl DeviceRuleState {
@@ -140,7 +159,7 @@ impl DeviceRuleState {
         let state: serde_json::Value =
             rhai::serde::from_dynamic(&rhai::Dynamic::from_map(self.state.clone()))
                 .unwrap_or(serde_json::Value::Null);
-        serde_json::json!({"state": state, "active": self.active, "cleared_at": self.cleared_at})
+        serde_json::json!({"state": state, "active": self.active, "cleared_at": self.cleared_at, "raised": self.raised})
             .to_string()
             .into_bytes()
     }
@@ -155,6 +174,7 @@ impl DeviceRuleState {
             state,
             active: v["active"].as_bool().unwrap_or(false),
             cleared_at: v["cleared_at"].as_i64(),
+            raised: serde_json::from_value(v["raised"].clone()).ok().flatten(),
         })
     }
 }
@@ -207,6 +227,71 @@ impl RuleEngine {
             watermark: AtomicI64::new(i64::MIN),
             watermark_seen_at: AtomicI64::new(0),
         }
+    }
+
+    /// The active alarms, of `owner` only when given, sorted by rule and device.
+    pub fn active_alarms(&self, owner: Option<&str>) -> Vec<ActiveAlarm> {
+        let rules: HashMap<String, String> = self
+            .rules
+            .read()
+            .iter()
+            .map(|r| (r.rule.id.clone(), r.rule.owner.clone()))
+            .collect();
+        let mut out: Vec<ActiveAlarm> = self
+            .states
+            .lock()
+            .iter()
+            .filter(|(_, st)| st.active)
+            .filter_map(|((rule, device), st)| {
+                let rule_owner = rules.get(rule)?;
+                if owner.is_some_and(|o| o != rule_owner) {
+                    return None;
+                }
+                let (since, severity, text) =
+                    st.raised
+                        .clone()
+                        .unwrap_or((0, String::new(), String::new()));
+                Some(ActiveAlarm {
+                    rule: rule.clone(),
+                    owner: rule_owner.clone(),
+                    device: device.clone(),
+                    since,
+                    severity,
+                    text,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.rule, &a.device).cmp(&(&b.rule, &b.device)));
+        out
+    }
+
+    /// Loads every stored rule state (at start-up), so that active alarms are known before the
+    /// devices report again.
+    ///
+    /// # Errors
+    /// A description when the store fails.
+    pub async fn preload(&self) -> Result<usize, String> {
+        let Some(store) = &self.store else {
+            return Ok(0);
+        };
+        let all = store.load_all().await?;
+        let mut states = self.states.lock();
+        let mut n = 0;
+        for (key, bytes) in all {
+            let Some((rule, device)) = key
+                .strip_prefix("rule-state/")
+                .and_then(|k| k.split_once('/'))
+            else {
+                continue;
+            };
+            if let Some(st) = DeviceRuleState::decode(&bytes) {
+                states
+                    .entry((rule.to_owned(), device.to_owned()))
+                    .or_insert(st);
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Keeps rule state and alarms in `store`: loaded on first use, saved by [`Evaluator::flush`].
@@ -408,6 +493,7 @@ fn lifecycle(
                 .is_some_and(|cleared| at.ts - cleared < rule.cooldown_ms);
             if !st.active && !cooling {
                 st.active = true;
+                st.raised = Some((at.ts, severity.clone(), text.clone()));
                 out.push(Alert {
                     rule: rule.id.clone(),
                     device: at.device.to_owned(),
@@ -422,6 +508,7 @@ fn lifecycle(
         Action::Clear => {
             if st.active {
                 st.active = false;
+                st.raised = None;
                 st.cleared_at = Some(at.ts);
                 out.push(Alert {
                     rule: rule.id.clone(),

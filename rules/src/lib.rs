@@ -92,6 +92,14 @@ pub trait StateStore: Send + Sync + 'static {
     /// # Errors
     /// A description when the store fails.
     async fn save(&self, entries: Vec<(String, Vec<u8>)>) -> Result<(), String>;
+
+    /// Every stored entry (loaded once at start-up).
+    ///
+    /// # Errors
+    /// A description when the store fails.
+    async fn load_all(&self) -> Result<Vec<(String, Vec<u8>)>, String> {
+        Ok(Vec::new())
+    }
 }
 
 /// The evaluator with no rules: raises nothing.

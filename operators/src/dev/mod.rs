@@ -224,6 +224,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             fatal.clone(),
         ),
     ];
+    let mut rule_engine = None;
     if cfg.rules.enabled || cfg.rules.dir.is_some() {
         // Rule state and active alarms survive restarts: a restart neither re-raises nor forgets.
         let kv = RedbKv::open(&p("rules.redb")).map_err(|e| open_err(&p("rules.redb"), e))?;
@@ -235,6 +236,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             )
             .with_store(Arc::new(crate::rules::KvStateStore(kv))),
         );
+        engine
+            .preload()
+            .await
+            .map_err(|e| anyhow!("loading rule state: {e}"))?;
+        rule_engine = Some(engine.clone());
         if let Some(dir) = &cfg.rules.dir {
             let cooldown = i64::try_from(cfg.rules.cooldown.as_millis()).unwrap_or(i64::MAX);
             let mut files = RuleDir::new(dir, "local", cooldown);
@@ -321,6 +327,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         info: Arc::new(info),
         ready: ready.clone(),
         history_cache: None,
+        alarms: rule_engine.clone(),
         shutdown: http_stop.clone(),
     };
     let app = api::router(state);

@@ -92,6 +92,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/devices/{id}/latest", get(latest))
         .route("/v1/devices/{id}/history", get(history))
         .route("/v1/dead-letters", get(dead_letters))
+        .route("/v1/alarms", get(alarms))
         .route("/v1/ws", get(ws))
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(middleware::from_fn_with_state(state.clone(), track))
@@ -277,6 +278,15 @@ async fn dead_letters(
     let limit = parse_limit(&params, 100, state.config.max_list_limit)?;
     let letters = state.dead_letters.recent(limit).await?;
     Ok(Json(json!({"dead_letters": letters})).into_response())
+}
+
+async fn alarms(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let engine = state
+        .alarms
+        .as_ref()
+        .ok_or_else(|| ApiError::not_found("rules do not run in this process"))?;
+    // Until authentication (step 4) every caller is the one local user.
+    Ok(Json(json!({"alarms": engine.active_alarms(None)})).into_response())
 }
 
 async fn ws(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> Response {

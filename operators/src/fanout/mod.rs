@@ -46,6 +46,8 @@ pub struct AppState {
     pub info: Arc<serde_json::Value>,
     /// `/readyz` answers 200 only when this says ready.
     pub ready: Arc<Readiness>,
+    /// The rule engine, where this process runs rules (`GET /v1/alarms`).
+    pub alarms: Option<Arc<iotpipe_rules::engine::RuleEngine>>,
     /// Read-through cache for history pages (Redis in distributed mode), and its TTL.
     pub history_cache: Option<(Arc<dyn PageCache>, std::time::Duration)>,
     /// Cancelled at shutdown: connections close with 1001.

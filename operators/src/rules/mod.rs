@@ -31,6 +31,13 @@ impl iotpipe_rules::StateStore for KvStateStore {
     async fn save(&self, entries: Vec<(String, Vec<u8>)>) -> Result<(), String> {
         self.0.put_many(entries).await.map_err(|e| e.to_string())
     }
+
+    async fn load_all(&self) -> Result<Vec<(String, Vec<u8>)>, String> {
+        self.0
+            .scan_prefix("rule-state/")
+            .await
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// Settings of the rules operator.

@@ -46,6 +46,28 @@ impl RedbKv {
         .await
     }
 
+    /// Every pair whose key starts with `prefix`.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the read fails.
+    pub async fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let (db, prefix) = (Arc::clone(&self.db), prefix.to_owned());
+        blocking(move || {
+            let rtx = db.begin_read().map_err(unavailable)?;
+            let t = rtx.open_table(TABLE).map_err(unavailable)?;
+            let mut out = Vec::new();
+            for row in t.range(prefix.as_str()..).map_err(unavailable)? {
+                let (k, v) = row.map_err(unavailable)?;
+                if !k.value().starts_with(&prefix) {
+                    break;
+                }
+                out.push((k.value().to_owned(), v.value().to_vec()));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     /// Writes every pair in one durable transaction.
     ///
     /// # Errors
