@@ -25,14 +25,11 @@ use iotpipe_kafka::KafkaLog;
 use iotpipe_pipeline::health::Readiness;
 use iotpipe_pipeline::log::{Consumer, Log, StartAt};
 use iotpipe_pipeline::metrics::Metrics;
-use iotpipe_pipeline::runtime::{
-    run_ingest, run_operator, Drain, IngestRunConfig, Operator, OperatorError, RunConfig,
-};
+use iotpipe_pipeline::runtime::{Drain, IngestRunConfig, Operator, RunConfig};
 use iotpipe_redis::{RedisDeadLetters, RedisLatest, RedisPageCache};
 use iotpipe_rules::NoRules;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, info_span, warn, Instrument};
+use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::dead_letters::DeadLetters;
@@ -42,6 +39,7 @@ use crate::history::History;
 use crate::ingest::MqttSource;
 use crate::materialize::Materialize;
 use crate::rules::Rules;
+use crate::tasks::{join_all, outcome, spawn_ingest, spawn_op, OpTask};
 
 /// Which operators a process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,8 +79,6 @@ impl Role {
         }
     }
 }
-
-type OpTask = JoinHandle<Result<(), OperatorError>>;
 
 fn instance_id(cfg: &Config) -> String {
     cfg.server
@@ -139,7 +135,7 @@ impl Spawner {
         &mut self,
         name: &'static str,
         consumer: Box<dyn Consumer>,
-        mut op: O,
+        op: O,
         max_batch: usize,
     ) {
         if let Some(joined) = consumer.joined() {
@@ -150,17 +146,14 @@ impl Spawner {
             drain: Drain::Immediate,
             ..RunConfig::default()
         };
-        let (stop, metrics, fatal) = (self.stop.clone(), self.metrics.clone(), self.fatal.clone());
-        self.tasks.push(tokio::spawn(
-            async move {
-                let r = run_operator(consumer, &mut op, cfg, stop, metrics).await;
-                if let Err(e) = &r {
-                    error!(operator = name, error = %e, "Operator failed; shutting down.");
-                    fatal.cancel();
-                }
-                r
-            }
-            .instrument(info_span!("operator", name)),
+        self.tasks.push(spawn_op(
+            name,
+            consumer,
+            op,
+            cfg,
+            self.stop.clone(),
+            self.metrics.clone(),
+            self.fatal.clone(),
         ));
     }
 }
@@ -407,32 +400,21 @@ pub async fn run(
                 )
             })?;
         let max_packet = (cfg.limits.max_payload_bytes * 4).max(1 << 20);
-        let mut source = MqttSource::connect(&host, port, &cfg.ingest, max_packet)?;
+        let source = MqttSource::connect(&host, port, &cfg.ingest, max_packet)?;
         let run_cfg = IngestRunConfig {
             max_batch: cfg.ingest.max_batch,
             drain_source: false,
             ..IngestRunConfig::default()
         };
-        let (log, topics, limits, metrics, stop, fatal) = (
+        Some(spawn_ingest(
+            source,
             log.clone(),
             topics.clone(),
             cfg.limits.clone(),
-            metrics.clone(),
+            run_cfg,
             ingest_stop.clone(),
+            metrics.clone(),
             fatal.clone(),
-        );
-        Some(tokio::spawn(
-            async move {
-                let r =
-                    run_ingest(&mut source, log, &topics, &limits, run_cfg, stop, metrics).await;
-                source.close().await;
-                if let Err(e) = &r {
-                    error!(error = %e, "Ingest failed; shutting down.");
-                    fatal.cancel();
-                }
-                r
-            }
-            .instrument(info_span!("operator", name = "ingest")),
         ))
     } else {
         None
@@ -452,15 +434,10 @@ pub async fn run(
     ready.set_started(false);
     let started = Instant::now();
     let drained = tokio::time::timeout(cfg.server.shutdown_timeout, async {
-        let mut ok = true;
         ingest_stop.cancel();
-        if let Some(t) = ingest_task {
-            ok &= matches!(t.await, Ok(Ok(())));
-        }
+        let mut ok = join_all(ingest_task).await;
         ops_stop.cancel();
-        for t in ops.tasks {
-            ok &= matches!(t.await, Ok(Ok(())));
-        }
+        ok &= join_all(ops.tasks).await;
         let k = kafka.clone();
         let _ = tokio::task::spawn_blocking(move || k.flush(Duration::from_secs(10))).await;
         http_stop.cancel();
@@ -472,18 +449,5 @@ pub async fn run(
     })
     .await;
     checks_stop.cancel();
-    match drained {
-        Ok(true) if !fatal.is_cancelled() => {
-            info!(
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "Stopped cleanly."
-            );
-            Ok(())
-        }
-        Ok(_) => Err(anyhow!("an operator failed; see the log above")),
-        Err(_) => Err(anyhow!(
-            "shutdown did not finish within {:?}; exiting anyway",
-            cfg.server.shutdown_timeout
-        )),
-    }
+    outcome(drained, &fatal, started, cfg.server.shutdown_timeout)
 }

@@ -12,6 +12,7 @@
 //! - [`fanout`]: the HTTP API, the WebSocket push hub, and the built-in dashboard.
 //! - [`dev`]: `iotpipe dev`, the whole pipeline in one process with an embedded MQTT broker.
 //! - [`distributed`]: one process per operator (or `all`) on Kafka, Redis and DynamoDB.
+//! - [`tasks`]: spawning operators and judging a shutdown, shared by both modes.
 //! - [`config`]: the configuration file, its layering, validation and generated template.
 //! - [`cli`]: the `iotpipe` command line.
 
@@ -25,3 +26,4 @@ pub mod history;
 pub mod ingest;
 pub mod materialize;
 pub mod rules;
+pub mod tasks;

@@ -357,18 +357,22 @@ impl RuleEngine {
 
     /// Evaluates every applicable rule on `record` (synchronously).
     pub fn evaluate_record(&self, record: &Record) -> Vec<Alert> {
+        self.evaluate_rules(record, &self.applicable(record))
+    }
+
+    fn evaluate_rules(&self, record: &Record, rules: &[Arc<Loaded>]) -> Vec<Alert> {
         let mut out = Vec::new();
         if record.ts > self.watermark.fetch_max(record.ts, Ordering::Relaxed) {
             self.watermark_seen_at
                 .store(iotpipe_pipeline::time::now_ms(), Ordering::Relaxed);
         }
-        for r in self.applicable(record) {
-            let at = At {
-                device: &record.device,
-                ts: record.ts,
-                record_id: &record.id,
-            };
-            self.evaluate_one(&r, at, &record.metrics, false, &mut out);
+        let at = At {
+            device: &record.device,
+            ts: record.ts,
+            record_id: &record.id,
+        };
+        for r in rules {
+            self.evaluate_one(r, at, &record.metrics, false, &mut out);
         }
         out
     }
@@ -527,27 +531,34 @@ fn lifecycle(
 #[async_trait]
 impl Evaluator for RuleEngine {
     async fn evaluate(&self, record: &Record) -> Vec<Alert> {
+        let mut rules = self.applicable(record);
         if let Some(store) = &self.store {
             // Load the stored state of each applicable rule for this device on first use.
-            for r in self.applicable(record) {
+            let mut unloaded = Vec::new();
+            for r in &rules {
                 let key = (r.rule.id.clone(), record.device.clone());
                 if self.states.lock().contains_key(&key) {
                     continue;
                 }
-                let loaded = match store.load(&state_key(&key.0, &key.1)).await {
-                    Ok(Some(bytes)) => DeviceRuleState::decode(&bytes).unwrap_or_default(),
-                    Ok(None) => DeviceRuleState::default(),
-                    Err(e) => {
-                        // Evaluating without the stored state could re-raise an active alarm;
-                        // leave it unloaded so the next record tries again.
-                        warn!(rule = %key.0, device = %key.1, error = %e, "Cannot load rule state.");
-                        continue;
+                match store.load(&state_key(&key.0, &key.1)).await {
+                    Ok(bytes) => {
+                        let loaded = bytes
+                            .as_deref()
+                            .and_then(DeviceRuleState::decode)
+                            .unwrap_or_default();
+                        self.states.lock().entry(key).or_insert(loaded);
                     }
-                };
-                self.states.lock().entry(key).or_insert(loaded);
+                    Err(e) => {
+                        // Evaluating without the stored state could re-raise an active alarm:
+                        // skip the rule for this record; the next one tries to load again.
+                        warn!(rule = %key.0, device = %key.1, error = %e, "Cannot load rule state.");
+                        unloaded.push(r.rule.id.clone());
+                    }
+                }
             }
+            rules.retain(|r| !unloaded.contains(&r.rule.id));
         }
-        self.evaluate_record(record)
+        self.evaluate_rules(record, &rules)
     }
 
     async fn on_timer(&self, wall_now_ms: i64) -> Vec<Alert> {

@@ -73,18 +73,7 @@ impl Dev {
 
     /// Polls `GET path` until `pred` holds or 10 s pass.
     pub async fn wait_for(&self, path: &str, pred: impl Fn(u16, &Value) -> bool) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let (status, body) = self.get(path).await;
-            if pred(status, &body) {
-                return body;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "GET {path} never satisfied the condition; last: {status} {body}"
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        poll_until(self.http, path, Duration::from_secs(10), pred).await
     }
 
     pub async fn ws(&self) -> Ws {
@@ -92,27 +81,81 @@ impl Dev {
     }
 }
 
-/// A minimal HTTP/1.1 GET (the API answers with Content-Length bodies).
-pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, Value) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+/// A minimal HTTP/1.1 GET (the API answers with Content-Length bodies): status, lowercase
+/// headers, JSON body (or the body as a JSON string); `None` when nothing answers.
+pub async fn try_get(
+    addr: SocketAddr,
+    path: &str,
+) -> Option<(u16, std::collections::HashMap<String, String>, Value)> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
     s.write_all(
         format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
     )
     .await
-    .unwrap();
+    .ok()?;
     let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
+    s.read_to_end(&mut buf).await.ok()?;
     let text = String::from_utf8_lossy(&buf);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    (
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Some((
         status,
+        headers,
         serde_json::from_str(body).unwrap_or(Value::String(body.to_owned())),
-    )
+    ))
+}
+
+/// `GET path`: status and JSON body; panics when nothing answers.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, Value) {
+    let (status, _, body) = http_get_full(addr, path).await;
+    (status, body)
+}
+
+/// `GET path`: status, lowercase header map, JSON body; panics when nothing answers.
+pub async fn http_get_full(
+    addr: SocketAddr,
+    path: &str,
+) -> (u16, std::collections::HashMap<String, String>, Value) {
+    try_get(addr, path)
+        .await
+        .unwrap_or_else(|| panic!("nothing answers GET {path} on {addr}"))
+}
+
+/// The status of `GET path`, or `None` when nothing answers.
+pub async fn http_get_opt(addr: SocketAddr, path: &str) -> Option<u16> {
+    try_get(addr, path).await.map(|(status, _, _)| status)
+}
+
+/// Polls `GET path` every 25 ms until `pred` holds; fails after `patience`.
+pub async fn poll_until(
+    addr: SocketAddr,
+    path: &str,
+    patience: Duration,
+    pred: impl Fn(u16, &Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + patience;
+    loop {
+        let (status, body) = try_get(addr, path)
+            .await
+            .map_or((0, Value::Null), |(s, _, b)| (s, b));
+        if pred(status, &body) {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "GET {path} never satisfied the condition; last: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 }
 
 pub struct Ws {
@@ -221,55 +264,6 @@ impl Publisher {
     }
 }
 
-/// The status of `GET path`, or `None` when nothing answers.
-pub async fn http_get_opt(addr: SocketAddr, path: &str) -> Option<u16> {
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.ok()?;
-    String::from_utf8_lossy(&buf)
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-/// `GET path`: status, lowercase header map, JSON body.
-pub async fn http_get_full(
-    addr: SocketAddr,
-    path: &str,
-) -> (u16, std::collections::HashMap<String, String>, Value) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    (
-        status,
-        headers,
-        serde_json::from_str(body).unwrap_or(Value::String(body.to_owned())),
-    )
-}
-
 /// A running `iotpipe` process of any command, with its stdout lines and log file.
 pub struct Proc {
     child: Option<Child>,
@@ -368,21 +362,7 @@ impl Drop for Proc {
 
 /// Polls `GET path` on `addr` until `pred` holds (30 s).
 pub async fn wait_until(addr: SocketAddr, path: &str, pred: impl Fn(u16, &Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (status, body) = match http_get_opt(addr, path).await {
-            Some(_) => http_get(addr, path).await,
-            None => (0, Value::Null),
-        };
-        if pred(status, &body) {
-            return body;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "GET {path} never satisfied the condition; last: {status} {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    poll_until(addr, path, Duration::from_secs(30), pred).await
 }
 
 /// Connects a WebSocket client to `addr`.

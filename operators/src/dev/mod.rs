@@ -26,17 +26,14 @@ use iotpipe_pipeline::embedded::{MemLog, RedbDeadLetters, RedbHistory, RedbKv, R
 use iotpipe_pipeline::health::Readiness;
 use iotpipe_pipeline::log::Log;
 use iotpipe_pipeline::metrics::Metrics;
-use iotpipe_pipeline::runtime::{
-    run_ingest, run_operator, IngestRunConfig, Operator, OperatorError, RunConfig,
-};
+use iotpipe_pipeline::runtime::{IngestRunConfig, RunConfig};
 use iotpipe_pipeline::store::StoreError;
 use iotpipe_rules::engine::{RuleEngine, SingleOwner};
 use iotpipe_rules::files::RuleDir;
 use iotpipe_rules::sandbox::{Limits as RuleLimits, Sandbox};
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, info_span, warn, Instrument};
+use tracing::{info, warn};
 
 use crate::config::{Config, DEFAULT_HTTP_LISTEN, DEFAULT_MQTT_LISTEN};
 use crate::dead_letters::DeadLetters;
@@ -46,8 +43,7 @@ use crate::history::History;
 use crate::ingest::{MqttSource, TopicTemplate};
 use crate::materialize::Materialize;
 use crate::rules::Rules;
-
-type OpTask = JoinHandle<Result<(), OperatorError>>;
+use crate::tasks::{join_all, outcome, spawn_ingest, spawn_op};
 
 /// Prints a line for the person running `iotpipe dev`. Unlike `println!` it never panics: a closed
 /// stdout (a parent that stopped reading) must not take the pipeline down.
@@ -101,36 +97,6 @@ fn open_err(path: &std::path::Path, e: StoreError) -> anyhow::Error {
     } else {
         anyhow!("cannot open {}: {msg}", path.display())
     }
-}
-
-fn spawn_op<O: Operator>(
-    name: &'static str,
-    consumer: Box<dyn iotpipe_pipeline::log::Consumer>,
-    mut op: O,
-    cfg: RunConfig,
-    token: CancellationToken,
-    metrics: Arc<Metrics>,
-    fatal: CancellationToken,
-) -> OpTask {
-    tokio::spawn(
-        async move {
-            let r = run_operator(consumer, &mut op, cfg, token, metrics).await;
-            if let Err(e) = &r {
-                error!(operator = name, error = %e, "Operator failed; shutting down.");
-                fatal.cancel();
-            }
-            r
-        }
-        .instrument(info_span!("operator", name)),
-    )
-}
-
-async fn join_all(tasks: Vec<OpTask>) -> bool {
-    let mut ok = true;
-    for t in tasks {
-        ok &= matches!(t.await, Ok(Ok(())));
-    }
-    ok
 }
 
 /// Runs `iotpipe dev` until `shutdown` is cancelled, then drains and returns.
@@ -340,7 +306,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
 
     // Ingest, reading from the private broker port; its stop hook closes the public one.
     let intake_hook = intake.clone();
-    let mut source = MqttSource::connect(
+    let source = MqttSource::connect(
         &broker_addr.ip().to_string(),
         broker_addr.port(),
         &cfg.ingest,
@@ -352,32 +318,16 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         drain_idle: cfg.ingest.drain_idle,
         ..IngestRunConfig::default()
     };
-    let (ingest_log, ingest_topics, limits, ingest_metrics, ingest_token, ingest_fatal) = (
+    let ingest_task = spawn_ingest(
+        source,
         log.clone(),
         topics.clone(),
         cfg.limits.clone(),
-        metrics.clone(),
+        ingest_cfg,
         ingest_stop.clone(),
+        metrics.clone(),
         fatal.clone(),
     );
-    let ingest_task: OpTask = tokio::spawn(async move {
-        let r = run_ingest(
-            &mut source,
-            ingest_log,
-            &ingest_topics,
-            &limits,
-            ingest_cfg,
-            ingest_token,
-            ingest_metrics,
-        )
-        .await;
-        source.close().await;
-        if let Err(e) = &r {
-            error!(operator = "ingest", error = %e, "Ingest failed; shutting down.");
-            ingest_fatal.cancel();
-        }
-        r
-    });
     broker::spawn_proxy(mqtt_listener, broker_addr, intake.clone());
 
     let sim_task = (cfg.dev.simulate > 0).then(|| {
@@ -421,18 +371,5 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         ok
     })
     .await;
-    match drained {
-        Ok(true) if !fatal.is_cancelled() => {
-            info!(
-                elapsed_ms = started.elapsed().as_millis() as u64,
-                "Drained; bye."
-            );
-            Ok(())
-        }
-        Ok(_) => Err(anyhow!("an operator failed; see the log above")),
-        Err(_) => Err(anyhow!(
-            "shutdown did not finish within {:?}; exiting anyway",
-            cfg.dev.shutdown_timeout
-        )),
-    }
+    outcome(drained, &fatal, started, cfg.dev.shutdown_timeout)
 }

@@ -62,10 +62,14 @@ impl Operator for History {
     }
 
     async fn process(&mut self, batch: &[LogRecord]) -> Result<(), OperatorError> {
-        let (records, letters) = decode_records(batch, Stage::History, &self.metrics);
-        if !letters.is_empty() {
-            self.log.append(&self.topics.dead_letters, letters).await?;
-        }
+        let records = decode_records(
+            batch,
+            Stage::History,
+            &self.metrics,
+            self.log.as_ref(),
+            &self.topics,
+        )
+        .await?;
         if !records.is_empty() {
             self.store.write(&records).await?;
             self.metrics.history_rows.inc_by(records.len() as u64);

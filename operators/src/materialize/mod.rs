@@ -58,12 +58,18 @@ impl Materialize {
     }
 }
 
-/// Decodes telemetry log records; records that cannot be decoded become dead letters of `stage`.
-pub(crate) fn decode_records(
+/// Decodes telemetry log records; records that cannot be decoded become dead letters of `stage`,
+/// appended to the dead-letter topic before this returns (so the batch may be committed).
+///
+/// # Errors
+/// When the dead letters cannot be appended.
+pub(crate) async fn decode_records(
     batch: &[LogRecord],
     stage: Stage,
     metrics: &Metrics,
-) -> (Vec<Record>, Vec<Produce>) {
+    log: &dyn Log,
+    topics: &Topics,
+) -> Result<Vec<Record>, OperatorError> {
     let mut records = Vec::with_capacity(batch.len());
     let mut letters = Vec::new();
     for r in batch {
@@ -91,7 +97,10 @@ pub(crate) fn decode_records(
             }
         }
     }
-    (records, letters)
+    if !letters.is_empty() {
+        log.append(&topics.dead_letters, letters).await?;
+    }
+    Ok(records)
 }
 
 #[async_trait]
@@ -101,10 +110,14 @@ impl Operator for Materialize {
     }
 
     async fn process(&mut self, batch: &[LogRecord]) -> Result<(), OperatorError> {
-        let (records, letters) = decode_records(batch, Stage::Materialize, &self.metrics);
-        if !letters.is_empty() {
-            self.log.append(&self.topics.dead_letters, letters).await?;
-        }
+        let records = decode_records(
+            batch,
+            Stage::Materialize,
+            &self.metrics,
+            self.log.as_ref(),
+            &self.topics,
+        )
+        .await?;
         if records.is_empty() {
             return Ok(());
         }

@@ -115,10 +115,14 @@ impl Operator for Rules {
     }
 
     async fn process(&mut self, batch: &[LogRecord]) -> Result<(), OperatorError> {
-        let (records, letters) = decode_records(batch, Stage::Rules, &self.metrics);
-        if !letters.is_empty() {
-            self.log.append(&self.topics.dead_letters, letters).await?;
-        }
+        let records = decode_records(
+            batch,
+            Stage::Rules,
+            &self.metrics,
+            self.log.as_ref(),
+            &self.topics,
+        )
+        .await?;
         let mut alerts = Vec::new();
         for r in &records {
             for alert in self.evaluator.evaluate(r).await {

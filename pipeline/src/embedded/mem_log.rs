@@ -117,23 +117,32 @@ impl MemLog {
 impl Log for MemLog {
     async fn append(&self, topic: &str, batch: Vec<Produce>) -> Result<(), LogError> {
         let t = self.topic(topic)?;
+        // Pushes the record if its partition has room; false when it is full.
+        let try_push = |p: usize, rec: &Produce| -> bool {
+            let mut part = t.parts[p].lock();
+            part.truncate(self.capacity);
+            if part.records.len() < self.capacity || part.groups.is_empty() {
+                part.records.push_back((rec.key.clone(), rec.value.clone()));
+                if part.groups.is_empty() {
+                    // Nobody consumes this topic: apply retention right away.
+                    part.truncate(self.capacity);
+                }
+                return true;
+            }
+            false
+        };
         for rec in batch {
             let p = partition_for(&rec.key, self.partitions) as usize;
-            loop {
+            while !try_push(p, &rec) {
+                // Full: register for the next commit, then look again (a commit between the
+                // first look and the registration would otherwise be missed), and wait. Notify
+                // the consumers first, in case they are waiting for the records that fill it.
                 let space = t.space.notified();
                 tokio::pin!(space);
                 space.as_mut().enable();
-                {
-                    let mut part = t.parts[p].lock();
-                    part.truncate(self.capacity);
-                    if part.records.len() < self.capacity || part.groups.is_empty() {
-                        part.records.push_back((rec.key.clone(), rec.value.clone()));
-                        part.truncate(self.capacity);
-                        break;
-                    }
+                if try_push(p, &rec) {
+                    break;
                 }
-                // Full: wait for a commit to make room. Notify the consumers first, in case they
-                // are waiting for the records that fill it.
                 t.appended.notify_waiters();
                 space.await;
             }
