@@ -55,6 +55,8 @@ enum Command {
     Fanout(ProcessArgs),
     /// Distributed mode: every operator in one process.
     All(ProcessArgs),
+    /// Manage the device registry (device -> owner, groups) through a running instance's API.
+    Devices(DevicesArgs),
     /// Show or generate the configuration.
     Config {
         #[command(subcommand)]
@@ -156,6 +158,46 @@ enum HistoryAction {
         /// Configuration file (TOML).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct DevicesArgs {
+    /// Base URL of the API (`iotpipe dev` or a fanout instance).
+    #[arg(
+        long,
+        global = true,
+        value_name = "URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    api: String,
+    #[command(subcommand)]
+    action: DevicesAction,
+}
+
+#[derive(Debug, Subcommand)]
+enum DevicesAction {
+    /// Register a device (or change its owner and groups).
+    Register {
+        /// Device id.
+        device: String,
+        /// The user who owns it.
+        #[arg(long)]
+        owner: String,
+        /// A group it belongs to (repeatable).
+        #[arg(long = "group", value_name = "GROUP")]
+        groups: Vec<String>,
+    },
+    /// List registered devices.
+    List {
+        /// Only this owner's.
+        #[arg(long)]
+        owner: Option<String>,
+    },
+    /// Remove a device from the registry.
+    Remove {
+        /// Device id.
+        device: String,
     },
 }
 
@@ -295,6 +337,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             action: Some(action),
             ..
         }) => rules_tool(action),
+        Command::Devices(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(devices_tool(args)),
         Command::Fanout(a) => run_process(Role::Fanout, a, cli.log_format, &cli.log_level),
         Command::All(a) => run_process(Role::All, a, cli.log_format, &cli.log_level),
         Command::Dev(args) => {
@@ -344,6 +390,84 @@ fn run_process(
     })
 }
 
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+async fn devices_tool(args: DevicesArgs) -> anyhow::Result<()> {
+    let client = crate::http_client::HttpClient::new().map_err(|e| anyhow::anyhow!(e))?;
+    let base = args.api.trim_end_matches('/');
+    let timeout = std::time::Duration::from_secs(10);
+    let json = [("content-type", "application/json".to_owned())];
+    let (method, url, body) = match &args.action {
+        DevicesAction::Register {
+            device,
+            owner,
+            groups,
+        } => (
+            "PUT",
+            format!("{base}/v1/admin/devices/{}", percent_encode(device)),
+            serde_json::json!({"owner": owner, "groups": groups}).to_string(),
+        ),
+        DevicesAction::List { owner } => (
+            "GET",
+            match owner {
+                Some(o) => format!("{base}/v1/admin/devices?owner={}", percent_encode(o)),
+                None => format!("{base}/v1/admin/devices"),
+            },
+            String::new(),
+        ),
+        DevicesAction::Remove { device } => (
+            "DELETE",
+            format!("{base}/v1/admin/devices/{}", percent_encode(device)),
+            String::new(),
+        ),
+    };
+    let res = client
+        .send(method, &url, &json, body.into(), timeout)
+        .await
+        .map_err(|e| anyhow::anyhow!("{url}: {e}"))?;
+    if !(200..300).contains(&res.status) {
+        anyhow::bail!(
+            "{url}: HTTP {}: {}",
+            res.status,
+            String::from_utf8_lossy(&res.body)
+        );
+    }
+    match &args.action {
+        DevicesAction::Register { device, owner, .. } => {
+            println!("Registered {device} (owner {owner}).");
+        }
+        DevicesAction::Remove { device } => println!("Removed {device}."),
+        DevicesAction::List { .. } => {
+            let v: serde_json::Value = serde_json::from_slice(&res.body)?;
+            let devices = v["devices"].as_array().cloned().unwrap_or_default();
+            for d in &devices {
+                let groups: Vec<&str> = d["groups"]
+                    .as_array()
+                    .map(|g| g.iter().filter_map(|x| x.as_str()).collect())
+                    .unwrap_or_default();
+                println!(
+                    "{}\t{}\t{}",
+                    d["device"].as_str().unwrap_or_default(),
+                    d["owner"].as_str().unwrap_or_default(),
+                    groups.join(",")
+                );
+            }
+            eprintln!("{} devices.", devices.len());
+        }
+    }
+    Ok(())
+}
+
 fn rules_tool(action: RulesAction) -> anyhow::Result<()> {
     use crate::rules::tools;
     match action {
@@ -354,7 +478,10 @@ fn rules_tool(action: RulesAction) -> anyhow::Result<()> {
                 anyhow::bail!("some rules do not compile")
             }
         }
-        RulesAction::Test { rule, input } => tools::test(&rule, &input),
+        RulesAction::Test { rule, input } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(tools::test(&rule, &input)),
         RulesAction::Backtest {
             rule,
             device,

@@ -237,6 +237,8 @@ impl Config {
             ("topics.changes", &self.topics.changes),
             ("topics.alerts", &self.topics.alerts),
             ("topics.dead_letters", &self.topics.dead_letters),
+            ("topics.rules", &self.topics.rules),
+            ("topics.registry", &self.topics.registry),
         ] {
             if t.is_empty()
                 || t.len() > 249
@@ -304,7 +306,24 @@ mod tests {
                 TEMPLATE.contains(&format!("[{section}]")),
                 "template lacks [{section}]"
             );
-            for key in t.keys() {
+            for (key, value) in t {
+                if let Some(sub) = value.as_table() {
+                    // A nested section, e.g. [rules.limits] (an empty map may stay inline).
+                    if sub.is_empty() {
+                        continue;
+                    }
+                    assert!(
+                        TEMPLATE.contains(&format!("[{section}.{key}]")),
+                        "template lacks [{section}.{key}]"
+                    );
+                    for k in sub.keys() {
+                        assert!(
+                            TEMPLATE.contains(&format!("{k} =")),
+                            "template lacks {section}.{key}.{k}"
+                        );
+                    }
+                    continue;
+                }
                 assert!(
                     TEMPLATE.contains(&format!("{key} =")),
                     "template lacks {section}.{key}"

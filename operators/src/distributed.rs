@@ -20,18 +20,22 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use axum::routing::get;
 use axum::Router;
-use iotpipe_dynamodb::DynamoHistory;
+use iotpipe_dynamodb::{DynamoHistory, DynamoRegistry};
 use iotpipe_kafka::KafkaLog;
 use iotpipe_pipeline::health::Readiness;
+use iotpipe_pipeline::kv::KeyValue;
 use iotpipe_pipeline::log::{Consumer, Log, StartAt};
 use iotpipe_pipeline::metrics::Metrics;
+use iotpipe_pipeline::registry::{CacheConfig, CachedRegistry};
 use iotpipe_pipeline::runtime::{Drain, IngestRunConfig, Operator, RunConfig};
-use iotpipe_redis::{RedisDeadLetters, RedisLatest, RedisPageCache};
-use iotpipe_rules::NoRules;
+use iotpipe_redis::{RedisDeadLetters, RedisKv, RedisLatest, RedisPageCache};
+use iotpipe_rules::engine::RuleEngine;
+use iotpipe_rules::sandbox::Sandbox;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::control::{Control, RegistryFeed, RulesFeed};
 use crate::dead_letters::DeadLetters;
 use crate::fanout::hub::Hub;
 use crate::fanout::{api, AppState, FanoutAlerts, FanoutChanges};
@@ -40,6 +44,7 @@ use crate::ingest::MqttSource;
 use crate::materialize::Materialize;
 use crate::rules::Rules;
 use crate::tasks::{join_all, outcome, spawn_ingest, spawn_op, OpTask};
+use crate::webhooks::Webhooks;
 
 /// Which operators a process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,14 +143,28 @@ impl Spawner {
         op: O,
         max_batch: usize,
     ) {
+        self.spawn_with(
+            name,
+            consumer,
+            op,
+            RunConfig {
+                max_batch,
+                drain: Drain::Immediate,
+                ..RunConfig::default()
+            },
+        );
+    }
+
+    fn spawn_with<O: Operator>(
+        &mut self,
+        name: &'static str,
+        consumer: Box<dyn Consumer>,
+        op: O,
+        cfg: RunConfig,
+    ) {
         if let Some(joined) = consumer.joined() {
             self.ready.add(format!("{name} consumer group"), joined);
         }
-        let cfg = RunConfig {
-            max_batch,
-            drain: Drain::Immediate,
-            ..RunConfig::default()
-        };
         self.tasks.push(spawn_op(
             name,
             consumer,
@@ -166,6 +185,14 @@ pub async fn history_init(cfg: &Config) -> anyhow::Result<()> {
     let store = DynamoHistory::connect(&cfg.dynamodb).await;
     store.init_table().await?;
     println!("History table `{}` is ready.", cfg.dynamodb.table);
+    DynamoRegistry::connect(&cfg.dynamodb)
+        .await
+        .init_table()
+        .await?;
+    println!(
+        "Device registry table `{}` is ready.",
+        cfg.dynamodb.devices_table
+    );
     Ok(())
 }
 
@@ -189,12 +216,15 @@ pub async fn run(
     if cfg.kafka.create_topics {
         tokio::time::timeout(
             Duration::from_secs(30),
-            kafka.ensure_topics(&[
-                &topics.telemetry,
-                &topics.changes,
-                &topics.alerts,
-                &topics.dead_letters,
-            ]),
+            kafka.ensure_topics_with(
+                &[
+                    &topics.telemetry,
+                    &topics.changes,
+                    &topics.alerts,
+                    &topics.dead_letters,
+                ],
+                &[&topics.rules, &topics.registry],
+            ),
         )
         .await
         .map_err(|_| anyhow!("Kafka at {} did not answer within 30 s", cfg.kafka.brokers))??;
@@ -208,8 +238,10 @@ pub async fn run(
     });
     let log: Arc<dyn Log> = kafka.clone();
 
-    let needs_redis = role.runs(Role::Materialize, &cfg) || role.runs(Role::Fanout, &cfg);
-    let needs_dynamo = role.runs(Role::History, &cfg) || role.runs(Role::Fanout, &cfg);
+    let runs_rules = role.runs(Role::Rules, &cfg);
+    let runs_fanout = role.runs(Role::Fanout, &cfg);
+    let needs_redis = role.runs(Role::Materialize, &cfg) || runs_fanout || runs_rules;
+    let needs_dynamo = role.runs(Role::History, &cfg) || runs_fanout || runs_rules;
     let latest = if needs_redis {
         let l = Arc::new(
             RedisLatest::connect(&cfg.redis)
@@ -284,20 +316,99 @@ pub async fn run(
             cfg.history.max_batch,
         );
     }
-    if role.runs(Role::Rules, &cfg) {
+    let instance = instance_id(&cfg);
+    // The control plane (registry, rule definitions, rule state, alarms) where rules or the API run.
+    let control = if runs_rules || runs_fanout {
+        let kv: Arc<dyn KeyValue> = Arc::new(RedisKv::connect(&cfg.redis).await?);
+        let registry_store = DynamoRegistry::connect(&cfg.dynamodb).await;
+        registry_store.ping().await.with_context(|| {
+            format!(
+                "DynamoDB table `{}` (run `iotpipe history init`)",
+                cfg.dynamodb.devices_table
+            )
+        })?;
+        let registry = Arc::new(CachedRegistry::new(
+            Arc::new(registry_store),
+            CacheConfig {
+                ttl: cfg.rules.registry_cache_ttl,
+                ..CacheConfig::default()
+            },
+        ));
         let c = log
-            .subscribe(&topics.telemetry, &kafka.group("rules"))
+            .subscribe_at(
+                &topics.registry,
+                &kafka.group(&format!("registry-{}-{instance}", role.name())),
+                StartAt::Latest,
+            )
             .await?;
-        ops.spawn(
-            "rules",
-            c,
-            Rules::new(
-                Arc::new(NoRules),
+        ops.spawn("registry_feed", c, RegistryFeed(registry.clone()), 1000);
+        Some(Arc::new(Control::new(
+            registry,
+            kv,
+            log.clone(),
+            topics.clone(),
+            cfg.rules.limits.clone(),
+        )))
+    } else {
+        None
+    };
+    if let (true, Some(control)) = (runs_rules, &control) {
+        let engine = Arc::new(
+            RuleEngine::new(
+                Sandbox::new(cfg.rules.limits.clone()),
+                control.registry.clone(),
+                cfg.rules.max_consecutive_failures,
+            )
+            .with_store(control.kv.clone())
+            .with_metrics(metrics.clone())
+            .with_instance(&instance),
+        );
+        // Join the rules topic first, then load what is stored: no change falls in between.
+        let c = log
+            .subscribe_at(
+                &topics.rules,
+                &kafka.group(&format!("rules-feed-{instance}")),
+                StartAt::Latest,
+            )
+            .await?;
+        ops.spawn("rules_feed", c, RulesFeed(engine.clone()), 100);
+        let n = engine
+            .load_stored_rules()
+            .await
+            .map_err(|e| anyhow!("loading rules: {e}"))?;
+        engine
+            .preload()
+            .await
+            .map_err(|e| anyhow!("loading rule state: {e}"))?;
+        info!(rules = n, "Rules loaded.");
+        if cfg.rules.webhooks.enabled {
+            let c = log
+                .subscribe(&topics.alerts, &kafka.group("webhooks"))
+                .await?;
+            let hooks = Webhooks::new(
+                engine.clone(),
+                cfg.rules.webhooks.clone(),
                 log.clone(),
                 topics.clone(),
                 metrics.clone(),
-            ),
-            cfg.rules.max_batch,
+            )
+            .map_err(|e| anyhow!(e))?;
+            ops.spawn("webhooks", c, hooks, 100);
+        }
+        let c = log
+            .subscribe(&topics.telemetry, &kafka.group("rules"))
+            .await?;
+        ops.spawn_with(
+            "rules",
+            c,
+            Rules::new(engine, log.clone(), topics.clone(), metrics.clone()),
+            RunConfig {
+                max_batch: cfg.rules.max_batch,
+                drain: Drain::Immediate,
+                // Timer rules ("no data for 10 minutes") run every second.
+                tick: Some(Duration::from_secs(1)),
+                ..RunConfig::default()
+            },
         );
     }
 
@@ -308,10 +419,7 @@ pub async fn run(
         .map_err(|e| anyhow!("--http-listen {listen}: {e}"))?;
     let http_addr = listener.local_addr()?;
     let mut hub_for_close = None;
-    let app = if let (true, Some(latest), Some(history)) =
-        (role.runs(Role::Fanout, &cfg), &latest, &history)
-    {
-        let instance = instance_id(&cfg);
+    let app = if let (true, Some(latest), Some(history)) = (runs_fanout, &latest, &history) {
         let hub = Arc::new(Hub::new(cfg.fanout.queue_capacity, metrics.clone()));
         let c = log
             .subscribe_at(
@@ -355,7 +463,7 @@ pub async fn run(
             info: Arc::new(info),
             ready: ready.clone(),
             history_cache: Some((cache, cfg.server.history_cache_ttl)),
-            alarms: None,
+            control: control.clone(),
             shutdown: http_stop.clone(),
         })
     } else {

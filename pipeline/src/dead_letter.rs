@@ -23,6 +23,8 @@ pub enum Stage {
     Rules,
     /// Pushing to clients.
     Fanout,
+    /// Delivering alerts to webhooks.
+    Webhook,
 }
 
 impl Stage {
@@ -34,6 +36,7 @@ impl Stage {
             Self::History => "history",
             Self::Rules => "rules",
             Self::Fanout => "fanout",
+            Self::Webhook => "webhook",
         }
     }
 }

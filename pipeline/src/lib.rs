@@ -17,6 +17,8 @@
 //! - [`runtime`]: the operator trait and the loops that drive operators and sources.
 //! - [`metrics`]: every Prometheus metric, registered once.
 //! - [`health`]: readiness checks behind `/readyz`.
+//! - [`kv`]: a small durable key-value interface for control data (rules, rule state, alarms).
+//! - [`registry`]: the device registry (device -> owner, groups) and its cache.
 //! - [`embedded`]: in-process log and redb-backed stores.
 //! - [`error`]: the error classification shared by all of the above.
 
@@ -25,9 +27,11 @@ pub mod dead_letter;
 pub mod embedded;
 pub mod error;
 pub mod health;
+pub mod kv;
 pub mod log;
 pub mod metrics;
 pub mod record;
+pub mod registry;
 pub mod runtime;
 pub mod source;
 pub mod store;

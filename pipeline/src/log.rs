@@ -29,6 +29,10 @@ pub struct Topics {
     pub alerts: String,
     /// Dead letters from every stage.
     pub dead_letters: String,
+    /// Rule definitions, keyed by rule id (compacted): how rules reach every rules worker.
+    pub rules: String,
+    /// Device registry changes, keyed by device id (compacted): cache invalidation.
+    pub registry: String,
 }
 
 impl Default for Topics {
@@ -38,6 +42,8 @@ impl Default for Topics {
             changes: "iot.changes".into(),
             alerts: "iot.alerts".into(),
             dead_letters: "iot.dlq".into(),
+            rules: "iot.rules".into(),
+            registry: "iot.registry".into(),
         }
     }
 }

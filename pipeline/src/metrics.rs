@@ -1,7 +1,8 @@
 //! Every Prometheus metric of iotpipe, registered once when [`Metrics::new`] builds the registry.
 //!
 //! Names follow `iotpipe_<what>_<unit>[_total]`; labels are bounded (`operator`, `stage`, `reason`,
-//! `error_type`, `type`, `route`, `status`) — never a device or user id. Per-stage accounting holds:
+//! `error_type`, `type`, `route`, `status`, and `rule`: rules are an admin-managed set) — never a
+//! device or user id. Per-stage accounting holds:
 //! `ingest_received = ingest_appended + dead_letters{stage="ingest"}` once ingest is idle.
 
 use prometheus::{
@@ -46,6 +47,20 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     /// HTTP request duration by route.
     pub http_seconds: HistogramVec,
+    /// Rule evaluations, by rule (rule ids are an admin-managed, bounded set).
+    pub rule_evaluations: IntCounterVec,
+    /// Rule failures, by rule and kind (deadline, too_many_operations, ...).
+    pub rule_failures: IntCounterVec,
+    /// Alerts raised, cleared and rules disabled, by rule and kind.
+    pub rule_alerts: IntCounterVec,
+    /// 1 while a rule is disabled by failures, by rule.
+    pub rule_disabled: IntGaugeVec,
+    /// Rules loaded in this process.
+    pub rules_loaded: IntGauge,
+    /// Time to evaluate every applicable rule on one batch of records.
+    pub rule_batch_seconds: Histogram,
+    /// Webhook deliveries by outcome (`delivered`, `retried`, `dead_lettered`).
+    pub webhook_deliveries: IntCounterVec,
 }
 
 impl Metrics {
@@ -160,8 +175,54 @@ impl Metrics {
                     "iotpipe_http_request_duration_seconds",
                     "HTTP request duration, by route."
                 )
-                .buckets(latency_buckets),
+                .buckets(latency_buckets.clone()),
                 &["route"]
+            )),
+            rule_evaluations: reg!(IntCounterVec::new(
+                Opts::new(
+                    "iotpipe_rule_evaluations_total",
+                    "Rule evaluations, by rule."
+                ),
+                &["rule"]
+            )),
+            rule_failures: reg!(IntCounterVec::new(
+                Opts::new(
+                    "iotpipe_rule_failures_total",
+                    "Rule failures (errors and limits hit), by rule and kind."
+                ),
+                &["rule", "kind"]
+            )),
+            rule_alerts: reg!(IntCounterVec::new(
+                Opts::new(
+                    "iotpipe_rule_alerts_total",
+                    "Alerts raised or cleared and rules disabled, by rule and kind."
+                ),
+                &["rule", "kind"]
+            )),
+            rule_disabled: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "iotpipe_rule_disabled",
+                    "1 while a rule is disabled after consecutive failures."
+                ),
+                &["rule"]
+            )),
+            rules_loaded: reg!(IntGauge::new(
+                "iotpipe_rules_loaded",
+                "Rules loaded in this process."
+            )),
+            rule_batch_seconds: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "iotpipe_rule_batch_seconds",
+                    "Time to evaluate every applicable rule on one batch."
+                )
+                .buckets(latency_buckets)
+            )),
+            webhook_deliveries: reg!(IntCounterVec::new(
+                Opts::new(
+                    "iotpipe_webhook_deliveries_total",
+                    "Webhook delivery attempts, by outcome (delivered, retried, dead_lettered)."
+                ),
+                &["outcome"]
             )),
             registry,
         }

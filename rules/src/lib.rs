@@ -2,9 +2,8 @@
 //!
 //! The rules operator (in `iotpipe-operators`) calls an [`Evaluator`] on every telemetry record and
 //! appends the [`Alert`]s it returns to the alerts topic. Step 3 of the roadmap implements
-//! `Evaluator` with sandboxed, user-written Rhai scripts (limits, compile cache, alarm lifecycle,
-//! golden-file tests); until then [`NoRules`] is the evaluator and the rules operator is off by
-//! default.
+//! `Evaluator` with sandboxed, user-written Rhai scripts ([`engine::RuleEngine`]); [`NoRules`] is
+//! the evaluator with no rules.
 //!
 //! # Layout
 //! - [`sandbox`]: the Rhai sandbox user rules run in (limits, deadline, script API).
@@ -27,6 +26,9 @@ use serde::{Deserialize, Serialize};
 pub struct Alert {
     /// Id of the rule that raised it.
     pub rule: String,
+    /// The rule's owner: who receives it.
+    #[serde(default)]
+    pub owner: String,
     /// Device id.
     pub device: String,
     /// Device ts of the record that raised it.
@@ -56,9 +58,13 @@ pub enum AlertKind {
 /// Evaluates rules on records.
 #[async_trait]
 pub trait Evaluator: Send + Sync + 'static {
-    /// Runs every rule that applies to `record`'s device; returns the alerts raised. Must not fail
-    /// for the whole record because one rule failed: failures are the engine's to count and report.
-    async fn evaluate(&self, record: &Record) -> Vec<Alert>;
+    /// Runs every rule that applies to each record's device; returns the alerts raised. One
+    /// failing rule never fails the batch (failures are the engine's to count and report); an
+    /// error means the registry or the state store could not be read, and the batch is retried.
+    ///
+    /// # Errors
+    /// A description of the backend failure.
+    async fn evaluate(&self, records: &[Record]) -> Result<Vec<Alert>, String>;
 
     /// Makes the state changed by the evaluations so far durable. The rules operator calls it at
     /// the end of each batch, after appending the batch's alerts and before committing.
@@ -71,33 +77,11 @@ pub trait Evaluator: Send + Sync + 'static {
 
     /// Called about once a second with the wall clock: runs timer evaluations ("no data for 10
     /// minutes") and returns their alerts.
-    async fn on_timer(&self, wall_now_ms: i64) -> Vec<Alert> {
+    ///
+    /// # Errors
+    /// A description of the backend failure.
+    async fn on_timer(&self, wall_now_ms: i64) -> Result<Vec<Alert>, String> {
         let _ = wall_now_ms;
-        Vec::new()
-    }
-}
-
-/// Durable storage of rule state (the script's `state` map and the alarm), so that a restart
-/// neither re-raises an active alarm nor forgets it.
-#[async_trait]
-pub trait StateStore: Send + Sync + 'static {
-    /// The stored value of `key`.
-    ///
-    /// # Errors
-    /// A description when the store fails.
-    async fn load(&self, key: &str) -> Result<Option<Vec<u8>>, String>;
-
-    /// Stores every pair durably, all or nothing.
-    ///
-    /// # Errors
-    /// A description when the store fails.
-    async fn save(&self, entries: Vec<(String, Vec<u8>)>) -> Result<(), String>;
-
-    /// Every stored entry (loaded once at start-up).
-    ///
-    /// # Errors
-    /// A description when the store fails.
-    async fn load_all(&self) -> Result<Vec<(String, Vec<u8>)>, String> {
         Ok(Vec::new())
     }
 }
@@ -108,7 +92,7 @@ pub struct NoRules;
 
 #[async_trait]
 impl Evaluator for NoRules {
-    async fn evaluate(&self, _record: &Record) -> Vec<Alert> {
-        Vec::new()
+    async fn evaluate(&self, _records: &[Record]) -> Result<Vec<Alert>, String> {
+        Ok(Vec::new())
     }
 }

@@ -72,9 +72,9 @@ impl Default for Limits {
 /// What a rule did in one evaluation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// `alert(severity, text)`: the condition holds.
+    /// `alert(severity, text)` or `alert(text)`: the condition holds.
     Alert {
-        /// Severity chosen by the rule.
+        /// Severity chosen by the script; empty for `alert(text)` (the rule's severity applies).
         severity: String,
         /// Text for people.
         text: String,
@@ -222,6 +222,14 @@ impl Sandbox {
             ACTIONS.with(|a| {
                 a.borrow_mut().push(Action::Alert {
                     severity: severity.to_owned(),
+                    text: text.to_owned(),
+                })
+            });
+        });
+        engine.register_fn("alert", |text: &str| {
+            ACTIONS.with(|a| {
+                a.borrow_mut().push(Action::Alert {
+                    severity: String::new(),
                     text: text.to_owned(),
                 })
             });

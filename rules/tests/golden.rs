@@ -14,7 +14,7 @@ use iotpipe_rules::engine::{Rule, RuleEngine, Selector, StaticOwners};
 use iotpipe_rules::sandbox::{Limits as RuleLimits, Sandbox};
 use serde_json::{json, Value};
 
-fn run_example(dir: &Path) -> Vec<Value> {
+async fn run_example(dir: &Path) -> Vec<Value> {
     let script = std::fs::read_to_string(dir.join("rule.rhai")).unwrap();
     let input = std::fs::read_to_string(dir.join("input.jsonl")).unwrap();
     let rows: Vec<Value> = input
@@ -40,7 +40,7 @@ fn run_example(dir: &Path) -> Vec<Value> {
             selector: Selector::All,
             script,
             cooldown_ms: 0,
-            enabled: true,
+            ..Rule::default()
         })
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     let mut out = Vec::new();
@@ -56,7 +56,7 @@ fn run_example(dir: &Path) -> Vec<Value> {
             &Limits::default(),
         )
         .unwrap();
-        for a in engine.evaluate_record(&rec) {
+        for a in engine.evaluate_record(&rec).await {
             out.push(json!({"device": a.device, "ts": a.ts, "kind": a.kind, "severity": a.severity, "text": a.text}));
         }
     }
@@ -68,8 +68,8 @@ fn run_example(dir: &Path) -> Vec<Value> {
     out
 }
 
-#[test]
-fn example_rules_match_their_golden_files() {
+#[tokio::test]
+async fn example_rules_match_their_golden_files() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
     let mut dirs: Vec<_> = std::fs::read_dir(&root)
         .unwrap()
@@ -79,7 +79,7 @@ fn example_rules_match_their_golden_files() {
     dirs.sort();
     assert!(dirs.len() >= 8, "at least 8 examples, found {}", dirs.len());
     for dir in dirs {
-        let got = run_example(&dir);
+        let got = run_example(&dir).await;
         let expected_path = dir.join("expected.jsonl");
         if std::env::var_os("IOTPIPE_BLESS").is_some() {
             let text: String = got.iter().map(|v| format!("{v}\n")).collect();

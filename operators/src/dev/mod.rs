@@ -24,18 +24,21 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context};
 use iotpipe_pipeline::embedded::{MemLog, RedbDeadLetters, RedbHistory, RedbKv, RedbLatest};
 use iotpipe_pipeline::health::Readiness;
+use iotpipe_pipeline::kv::KeyValue;
 use iotpipe_pipeline::log::Log;
 use iotpipe_pipeline::metrics::Metrics;
+use iotpipe_pipeline::registry::{CacheConfig, CachedRegistry, KvRegistry};
 use iotpipe_pipeline::runtime::{IngestRunConfig, RunConfig};
 use iotpipe_pipeline::store::StoreError;
-use iotpipe_rules::engine::{RuleEngine, SingleOwner};
+use iotpipe_rules::engine::RuleEngine;
 use iotpipe_rules::files::RuleDir;
-use iotpipe_rules::sandbox::{Limits as RuleLimits, Sandbox};
+use iotpipe_rules::sandbox::Sandbox;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{Config, DEFAULT_HTTP_LISTEN, DEFAULT_MQTT_LISTEN};
+use crate::control::{Control, RegistryFeed, RulesFeed};
 use crate::dead_letters::DeadLetters;
 use crate::fanout::hub::Hub;
 use crate::fanout::{api, AppState, FanoutAlerts, FanoutChanges};
@@ -44,6 +47,7 @@ use crate::ingest::{MqttSource, TopicTemplate};
 use crate::materialize::Materialize;
 use crate::rules::Rules;
 use crate::tasks::{join_all, outcome, spawn_ingest, spawn_op};
+use crate::webhooks::Webhooks;
 
 /// Prints a line for the person running `iotpipe dev`. Unlike `println!` it never panics: a closed
 /// stdout (a parent that stopped reading) must not take the pipeline down.
@@ -127,6 +131,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         &topics.changes,
         &topics.alerts,
         &topics.dead_letters,
+        &topics.rules,
+        &topics.registry,
     ] {
         mem_log.create_topic(t);
     }
@@ -190,26 +196,56 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             fatal.clone(),
         ),
     ];
-    let mut rule_engine = None;
+    // The control plane: device registry, rule definitions, rule state and alarms, in one
+    // embedded table that survives restarts (a restart neither re-raises nor forgets an alarm).
+    let control_kv: Arc<dyn KeyValue> =
+        Arc::new(RedbKv::open(&p("control.redb")).map_err(|e| open_err(&p("control.redb"), e))?);
+    let registry = Arc::new(CachedRegistry::new(
+        Arc::new(KvRegistry(control_kv.clone())),
+        CacheConfig {
+            ttl: cfg.rules.registry_cache_ttl,
+            default_owner: Some(cfg.rules.dev_owner.clone()),
+            ..CacheConfig::default()
+        },
+    ));
+    let control = Arc::new(Control::new(
+        registry.clone(),
+        control_kv.clone(),
+        log.clone(),
+        topics.clone(),
+        cfg.rules.limits.clone(),
+    ));
+    let mut stage3_extra = vec![spawn_op(
+        "registry_feed",
+        log.subscribe(&topics.registry, "registry_feed").await?,
+        RegistryFeed(registry.clone()),
+        run_cfg(1000),
+        stage3.clone(),
+        metrics.clone(),
+        fatal.clone(),
+    )];
     if cfg.rules.enabled || cfg.rules.dir.is_some() {
-        // Rule state and active alarms survive restarts: a restart neither re-raises nor forgets.
-        let kv = RedbKv::open(&p("rules.redb")).map_err(|e| open_err(&p("rules.redb"), e))?;
         let engine = Arc::new(
             RuleEngine::new(
-                Sandbox::new(RuleLimits::default()),
-                Arc::new(SingleOwner("local".into())),
-                3,
+                Sandbox::new(cfg.rules.limits.clone()),
+                registry.clone(),
+                cfg.rules.max_consecutive_failures,
             )
-            .with_store(Arc::new(crate::rules::KvStateStore(kv))),
+            .with_store(control_kv.clone())
+            .with_metrics(metrics.clone())
+            .with_instance("dev"),
         );
+        engine
+            .load_stored_rules()
+            .await
+            .map_err(|e| anyhow!("loading rules: {e}"))?;
         engine
             .preload()
             .await
             .map_err(|e| anyhow!("loading rule state: {e}"))?;
-        rule_engine = Some(engine.clone());
         if let Some(dir) = &cfg.rules.dir {
             let cooldown = i64::try_from(cfg.rules.cooldown.as_millis()).unwrap_or(i64::MAX);
-            let mut files = RuleDir::new(dir, "local", cooldown);
+            let mut files = RuleDir::new(dir, &cfg.rules.dev_owner, cooldown);
             for e in files.sync(&engine) {
                 say!("rule error: {e}");
             }
@@ -227,6 +263,33 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                 }
             });
         }
+        stage3_extra.push(spawn_op(
+            "rules_feed",
+            log.subscribe(&topics.rules, "rules_feed").await?,
+            RulesFeed(engine.clone()),
+            run_cfg(100),
+            stage3.clone(),
+            metrics.clone(),
+            fatal.clone(),
+        ));
+        if cfg.rules.webhooks.enabled {
+            stage3_extra.push(spawn_op(
+                "webhooks",
+                log.subscribe(&topics.alerts, "webhooks").await?,
+                Webhooks::new(
+                    engine.clone(),
+                    cfg.rules.webhooks.clone(),
+                    log.clone(),
+                    topics.clone(),
+                    metrics.clone(),
+                )
+                .map_err(|e| anyhow!(e))?,
+                run_cfg(100),
+                stage3.clone(),
+                metrics.clone(),
+                fatal.clone(),
+            ));
+        }
         stage2_tasks.push(spawn_op(
             "rules",
             log.subscribe(&topics.telemetry, "rules").await?,
@@ -243,7 +306,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     }
     let hub = Arc::new(Hub::new(cfg.fanout.queue_capacity, metrics.clone()));
     // Dead letters are written by every stage up to materialize/history, so they drain last.
-    let stage3_tasks = vec![
+    let mut stage3_tasks = vec![
         spawn_op(
             "fanout",
             log.subscribe(&topics.changes, "fanout").await?,
@@ -272,6 +335,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             fatal.clone(),
         ),
     ];
+    stage3_tasks.extend(stage3_extra);
 
     let info = serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
@@ -293,7 +357,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         info: Arc::new(info),
         ready: ready.clone(),
         history_cache: None,
-        alarms: rule_engine.clone(),
+        control: Some(control.clone()),
         shutdown: http_stop.clone(),
     };
     let app = api::router(state);

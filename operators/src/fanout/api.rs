@@ -29,22 +29,46 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// Where in a rule script the error is (line, column).
+    at: Option<(usize, usize)>,
 }
 
 impl ApiError {
-    fn bad_request(message: impl Into<String>) -> Self {
+    /// 503: a backend is unavailable.
+    pub(crate) fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "unavailable",
+            message: message.into(),
+            at: None,
+        }
+    }
+
+    /// 422: a rule script does not compile; the body says where.
+    pub(crate) fn compile(line: usize, column: usize, message: String) -> Self {
+        Self {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            code: "compile_error",
+            message: format!("{line}:{column}: {message}"),
+            at: Some((line, column)),
+        }
+    }
+
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
         Self {
             status: StatusCode::BAD_REQUEST,
             code: "bad_request",
             message: message.into(),
+            at: None,
         }
     }
 
-    fn not_found(message: impl Into<String>) -> Self {
+    pub(crate) fn not_found(message: impl Into<String>) -> Self {
         Self {
             status: StatusCode::NOT_FOUND,
             code: "not_found",
             message: message.into(),
+            at: None,
         }
     }
 }
@@ -57,6 +81,7 @@ impl From<StoreError> for ApiError {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 code: "unavailable",
                 message: e.to_string(),
+                at: None,
             },
             iotpipe_pipeline::ErrorClass::Bug => {
                 error!(error = %e, "Store failed.");
@@ -64,6 +89,7 @@ impl From<StoreError> for ApiError {
                     status: StatusCode::INTERNAL_SERVER_ERROR,
                     code: "internal",
                     message: "internal error".into(),
+                    at: None,
                 }
             }
         }
@@ -72,11 +98,12 @@ impl From<StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(json!({"error": {"code": self.code, "message": self.message}})),
-        )
-            .into_response()
+        let mut error = json!({"code": self.code, "message": self.message});
+        if let Some((line, column)) = self.at {
+            error["line"] = json!(line);
+            error["column"] = json!(column);
+        }
+        (self.status, Json(json!({ "error": error }))).into_response()
     }
 }
 
@@ -92,8 +119,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/devices/{id}/latest", get(latest))
         .route("/v1/devices/{id}/history", get(history))
         .route("/v1/dead-letters", get(dead_letters))
-        .route("/v1/alarms", get(alarms))
         .route("/v1/ws", get(ws))
+        .merge(super::control_api::routes())
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
@@ -278,15 +305,6 @@ async fn dead_letters(
     let limit = parse_limit(&params, 100, state.config.max_list_limit)?;
     let letters = state.dead_letters.recent(limit).await?;
     Ok(Json(json!({"dead_letters": letters})).into_response())
-}
-
-async fn alarms(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let engine = state
-        .alarms
-        .as_ref()
-        .ok_or_else(|| ApiError::not_found("rules do not run in this process"))?;
-    // Until authentication (step 4) every caller is the one local user.
-    Ok(Json(json!({"alarms": engine.active_alarms(None)})).into_response())
 }
 
 async fn ws(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> Response {

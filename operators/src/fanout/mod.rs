@@ -6,6 +6,7 @@
 
 pub mod api;
 mod config;
+pub mod control_api;
 pub mod hub;
 pub mod ws;
 
@@ -46,8 +47,8 @@ pub struct AppState {
     pub info: Arc<serde_json::Value>,
     /// `/readyz` answers 200 only when this says ready.
     pub ready: Arc<Readiness>,
-    /// The rule engine, where this process runs rules (`GET /v1/alarms`).
-    pub alarms: Option<Arc<iotpipe_rules::engine::RuleEngine>>,
+    /// The device registry, rules and alarms (`/v1/admin/devices`, `/v1/rules`, `/v1/alarms`).
+    pub control: Option<Arc<crate::control::Control>>,
     /// Read-through cache for history pages (Redis in distributed mode), and its TTL.
     pub history_cache: Option<(Arc<dyn PageCache>, std::time::Duration)>,
     /// Cancelled at shutdown: connections close with 1001.

@@ -9,7 +9,6 @@ pub mod tools;
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use iotpipe_pipeline::dead_letter::Stage;
 use iotpipe_pipeline::log::{Log, LogRecord, Produce, Topics};
 use iotpipe_pipeline::metrics::Metrics;
@@ -19,49 +18,44 @@ use serde::{Deserialize, Serialize};
 
 use crate::materialize::decode_records;
 
-/// Rule state in an embedded key-value table (`iotpipe dev`).
-pub struct KvStateStore(pub iotpipe_pipeline::embedded::RedbKv);
-
-#[async_trait]
-impl iotpipe_rules::StateStore for KvStateStore {
-    async fn load(&self, key: &str) -> Result<Option<Vec<u8>>, String> {
-        self.0.get(key).await.map_err(|e| e.to_string())
-    }
-
-    async fn save(&self, entries: Vec<(String, Vec<u8>)>) -> Result<(), String> {
-        self.0.put_many(entries).await.map_err(|e| e.to_string())
-    }
-
-    async fn load_all(&self) -> Result<Vec<(String, Vec<u8>)>, String> {
-        self.0
-            .scan_prefix("rule-state/")
-            .await
-            .map_err(|e| e.to_string())
-    }
-}
-
 /// Settings of the rules operator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RulesConfig {
-    /// Run the rules operator (also implied by `dir`).
+    /// Run the rules operator and webhook delivery in `iotpipe dev` and `iotpipe all`.
     pub enabled: bool,
     /// `iotpipe dev`: a directory of `NAME.rhai` rule files, re-read while running.
     pub dir: Option<std::path::PathBuf>,
-    /// Cooldown after a clear before the same alarm may be raised again (event time).
+    /// Cooldown of rule files after a clear before the same alarm may be raised again (event time).
     #[serde(with = "humantime_serde")]
     pub cooldown: std::time::Duration,
     /// Most records evaluated per batch.
     pub max_batch: usize,
+    /// Consecutive failures after which a rule is disabled (and its owner told).
+    pub max_consecutive_failures: u32,
+    /// How long a device's owner is cached when no registry event says it changed.
+    #[serde(with = "humantime_serde")]
+    pub registry_cache_ttl: std::time::Duration,
+    /// `iotpipe dev` only: owner of devices that are not registered (dev is single-user).
+    pub dev_owner: String,
+    /// Resource limits of every evaluation.
+    pub limits: iotpipe_rules::sandbox::Limits,
+    /// Webhook delivery of alerts.
+    pub webhooks: crate::webhooks::WebhooksConfig,
 }
 
 impl Default for RulesConfig {
     fn default() -> Self {
         Self {
-            enabled: false,
+            enabled: true,
             dir: None,
             cooldown: std::time::Duration::ZERO,
             max_batch: 500,
+            max_consecutive_failures: 3,
+            registry_cache_ttl: std::time::Duration::from_secs(30),
+            dev_owner: "local".into(),
+            limits: iotpipe_rules::sandbox::Limits::default(),
+            webhooks: crate::webhooks::WebhooksConfig::default(),
         }
     }
 }
@@ -91,7 +85,7 @@ impl Rules {
     }
 }
 
-#[async_trait]
+#[async_trait::async_trait]
 impl Operator for Rules {
     fn name(&self) -> &'static str {
         "rules"
@@ -102,6 +96,7 @@ impl Operator for Rules {
             .evaluator
             .on_timer(iotpipe_pipeline::time::now_ms())
             .await
+            .map_err(OperatorError::external)?
             .iter()
             .map(|a| Produce::json(&a.device, a))
             .collect::<Result<_, _>>()?;
@@ -123,12 +118,14 @@ impl Operator for Rules {
             &self.topics,
         )
         .await?;
-        let mut alerts = Vec::new();
-        for r in &records {
-            for alert in self.evaluator.evaluate(r).await {
-                alerts.push(Produce::json(&alert.device, &alert)?);
-            }
-        }
+        let alerts = self
+            .evaluator
+            .evaluate(&records)
+            .await
+            .map_err(OperatorError::external)?
+            .iter()
+            .map(|a| Produce::json(&a.device, a))
+            .collect::<Result<Vec<_>, _>>()?;
         if !alerts.is_empty() {
             self.log.append(&self.topics.alerts, alerts).await?;
         }
@@ -145,6 +142,7 @@ impl Operator for Rules {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use async_trait::async_trait;
     use iotpipe_pipeline::embedded::MemLog;
     use iotpipe_pipeline::record::{parse_record, Limits, Record, SourceRef};
     use iotpipe_rules::Alert;
@@ -155,19 +153,25 @@ mod tests {
 
     #[async_trait]
     impl Evaluator for Above {
-        async fn evaluate(&self, record: &Record) -> Vec<Alert> {
-            match record.metrics.get("t").and_then(serde_json::Value::as_f64) {
-                Some(t) if t > self.0 => vec![Alert {
-                    rule: "hot".into(),
-                    device: record.device.clone(),
-                    ts: record.ts,
-                    kind: iotpipe_rules::AlertKind::Raised,
-                    severity: "warning".into(),
-                    text: format!("t={t}"),
-                    record_id: record.id.clone(),
-                }],
-                _ => Vec::new(),
-            }
+        async fn evaluate(&self, records: &[Record]) -> Result<Vec<Alert>, String> {
+            Ok(records
+                .iter()
+                .filter_map(|record| {
+                    match record.metrics.get("t").and_then(serde_json::Value::as_f64) {
+                        Some(t) if t > self.0 => Some(Alert {
+                            rule: "hot".into(),
+                            owner: "alice".into(),
+                            device: record.device.clone(),
+                            ts: record.ts,
+                            kind: iotpipe_rules::AlertKind::Raised,
+                            severity: "warning".into(),
+                            text: format!("t={t}"),
+                            record_id: record.id.clone(),
+                        }),
+                        _ => None,
+                    }
+                })
+                .collect())
         }
     }
 

@@ -84,7 +84,7 @@ fn engine_with(rule: &Path) -> anyhow::Result<(RuleEngine, String)> {
             selector: Selector::All,
             script,
             cooldown_ms: 0,
-            enabled: true,
+            ..Rule::default()
         })
         .map_err(|e| anyhow!("{}:{e}", rule.display()))?;
     Ok((engine, id))
@@ -114,10 +114,10 @@ fn record(
 
 /// Runs the rule over records and prints every alert as a JSON line with its record; returns how
 /// many alerts were printed.
-fn run_and_print(engine: &RuleEngine, records: impl IntoIterator<Item = Record>) -> usize {
+async fn run_and_print(engine: &RuleEngine, records: impl IntoIterator<Item = Record>) -> usize {
     let mut n = 0;
     for r in records {
-        for a in engine.evaluate_record(&r) {
+        for a in engine.evaluate_record(&r).await {
             n += 1;
             println!(
                 "{}",
@@ -135,7 +135,7 @@ fn run_and_print(engine: &RuleEngine, records: impl IntoIterator<Item = Record>)
 ///
 /// # Errors
 /// When the rule does not compile or the input is malformed.
-pub fn test(rule: &Path, input: &Path) -> anyhow::Result<()> {
+pub async fn test(rule: &Path, input: &Path) -> anyhow::Result<()> {
     let (engine, _) = engine_with(rule)?;
     let text = std::fs::read_to_string(input).with_context(|| format!("{}", input.display()))?;
     let mut records = Vec::new();
@@ -159,7 +159,7 @@ pub fn test(rule: &Path, input: &Path) -> anyhow::Result<()> {
         };
         records.push(record(device, ts, metrics)?);
     }
-    let n = run_and_print(&engine, records);
+    let n = run_and_print(&engine, records).await;
     eprintln!("{n} alerts.");
     Ok(())
 }
@@ -266,7 +266,7 @@ pub async fn backtest(
             None => break,
         }
     }
-    let n = run_and_print(&engine, records.iter().cloned());
+    let n = run_and_print(&engine, records.iter().cloned()).await;
     eprintln!(
         "{n} alerts would have been raised over {} records (nothing was sent).",
         records.len()

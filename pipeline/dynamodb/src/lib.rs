@@ -6,6 +6,7 @@
 //! - [`DynamoConfig`]: table, endpoint, bucket size, hot-device shards, retention, retry caps.
 //! - [`DynamoHistory`]: the store; [`DynamoHistory::init_table`] creates table, TTL and index.
 //! - [`keys`]: the key scheme, pure functions.
+//! - [`registry`]: the device registry table ([`DynamoRegistry`]).
 //!
 //! Items: `pk = {device}#{bucket}[#{shard}]`, `sk = {ts:013}#{record id}`, plus `device`, `ts`,
 //! `id`, `m` (the metrics as JSON text, exact), `expires_at` (TTL, when retention is set) and, when
@@ -18,6 +19,7 @@
 //! batch and commits nothing — back-pressure, consumer lag grows, nothing is dropped.
 
 pub mod keys;
+pub mod registry;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
@@ -41,6 +43,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 pub use keys::Bucket;
+pub use registry::DynamoRegistry;
 
 /// DynamoDB settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -48,6 +51,8 @@ pub use keys::Bucket;
 pub struct DynamoConfig {
     /// Table name.
     pub table: String,
+    /// Table of the device registry (device -> owner, groups).
+    pub devices_table: String,
     /// Endpoint override (DynamoDB Local: `http://127.0.0.1:8000`); unset: AWS.
     pub endpoint: Option<String>,
     /// Region; unset: from the environment / profile.
@@ -76,6 +81,7 @@ impl Default for DynamoConfig {
     fn default() -> Self {
         Self {
             table: "iotpipe_history".into(),
+            devices_table: "iotpipe_devices".into(),
             endpoint: None,
             region: None,
             bucket: Bucket::Hour,
@@ -96,6 +102,18 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// A client from the environment (credentials chain, region) and the config overrides.
+async fn client(cfg: &DynamoConfig) -> Client {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if let Some(region) = &cfg.region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    if let Some(endpoint) = &cfg.endpoint {
+        loader = loader.endpoint_url(endpoint);
+    }
+    Client::new(&loader.load().await)
+}
+
 /// The DynamoDB history store.
 #[derive(Clone)]
 pub struct DynamoHistory {
@@ -106,16 +124,8 @@ pub struct DynamoHistory {
 impl DynamoHistory {
     /// Builds a client from the environment (credentials chain, region) and the config overrides.
     pub async fn connect(cfg: &DynamoConfig) -> Self {
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-        if let Some(region) = &cfg.region {
-            loader = loader.region(aws_config::Region::new(region.clone()));
-        }
-        if let Some(endpoint) = &cfg.endpoint {
-            loader = loader.endpoint_url(endpoint);
-        }
-        let shared = loader.load().await;
         Self {
-            client: Client::new(&shared),
+            client: client(cfg).await,
             cfg: cfg.clone(),
         }
     }
@@ -224,6 +234,11 @@ impl DynamoHistory {
             }
         }
         Ok(())
+    }
+
+    /// The table name.
+    pub fn table(&self) -> &str {
+        &self.cfg.table
     }
 
     /// Checks that the table answers.

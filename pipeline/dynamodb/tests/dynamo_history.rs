@@ -167,3 +167,50 @@ async fn hot_devices_spread_over_shards_and_read_back_in_order() {
         (0..50).rev().collect::<Vec<_>>()
     );
 }
+
+#[tokio::test]
+async fn registry_put_get_list_by_owner_remove() {
+    use iotpipe_dynamodb::DynamoRegistry;
+    use iotpipe_pipeline::registry::{DeviceEntry, RegistryStore};
+    let h = store(&[]).await;
+    let cfg = DynamoConfig {
+        devices_table: format!("{}_devices", h.table()),
+        endpoint: Some(
+            std::env::var("IOTPIPE_TEST_DYNAMODB")
+                .unwrap_or_else(|_| "http://127.0.0.1:8000".into()),
+        ),
+        ..DynamoConfig::default()
+    };
+    let reg = DynamoRegistry::connect(&cfg).await;
+    reg.init_table().await.unwrap();
+    reg.init_table().await.unwrap();
+    let e = |d: &str, o: &str, g: &[&str]| DeviceEntry {
+        device: d.into(),
+        owner: o.into(),
+        groups: g.iter().map(|s| (*s).to_owned()).collect(),
+        updated_at: 7,
+    };
+    reg.put(&e("d2", "alice", &["plant"])).await.unwrap();
+    reg.put(&e("d1", "alice", &[])).await.unwrap();
+    reg.put(&e("d3", "bob", &[])).await.unwrap();
+    assert_eq!(
+        reg.get("d2").await.unwrap(),
+        Some(e("d2", "alice", &["plant"]))
+    );
+    assert_eq!(reg.get("nope").await.unwrap(), None);
+    let alice: Vec<String> = reg
+        .list(Some("alice"))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.device)
+        .collect();
+    assert_eq!(alice, ["d1", "d2"]);
+    assert_eq!(reg.list(None).await.unwrap().len(), 3);
+    // Re-registering moves the device to its new owner.
+    reg.put(&e("d1", "bob", &[])).await.unwrap();
+    assert_eq!(reg.list(Some("bob")).await.unwrap().len(), 2);
+    assert!(reg.remove("d3").await.unwrap());
+    assert!(!reg.remove("d3").await.unwrap());
+    assert_eq!(reg.get("d3").await.unwrap(), None);
+}

@@ -154,12 +154,26 @@ impl KafkaLog {
     /// # Errors
     /// [`LogError::Unavailable`] when the broker refuses or cannot be reached.
     pub async fn ensure_topics(&self, topics: &[&str]) -> Result<(), LogError> {
+        self.ensure_topics_with(topics, &[]).await
+    }
+
+    /// Like [`KafkaLog::ensure_topics`], and also creates `compacted` with
+    /// `cleanup.policy=compact` (keyed control data: rules, registry changes), so the latest
+    /// record of each key is kept for ever.
+    ///
+    /// # Errors
+    /// [`LogError::Unavailable`] when the broker refuses or cannot be reached.
+    pub async fn ensure_topics_with(
+        &self,
+        topics: &[&str],
+        compacted: &[&str],
+    ) -> Result<(), LogError> {
         let admin: AdminClient<DefaultClientContext> = self
             .cfg
             .finish(self.cfg.base("admin"))
             .create()
             .map_err(|e| LogError::Unavailable(format!("admin: {e}")))?;
-        let new: Vec<NewTopic<'_>> = topics
+        let mut new: Vec<NewTopic<'_>> = topics
             .iter()
             .map(|t| {
                 NewTopic::new(
@@ -169,6 +183,14 @@ impl KafkaLog {
                 )
             })
             .collect();
+        new.extend(compacted.iter().map(|t| {
+            NewTopic::new(
+                t,
+                self.cfg.partitions,
+                TopicReplication::Fixed(self.cfg.replication),
+            )
+            .set("cleanup.policy", "compact")
+        }));
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
         let results = admin
             .create_topics(&new, &opts)

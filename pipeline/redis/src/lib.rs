@@ -22,6 +22,7 @@ use std::fmt;
 use async_trait::async_trait;
 use iotpipe_pipeline::change::{Change, FieldState, LatestState, MergeOutcome};
 use iotpipe_pipeline::dead_letter::DeadLetter;
+use iotpipe_pipeline::kv::{KeyValue, KvWrite};
 use iotpipe_pipeline::record::{Record, RecordId};
 use iotpipe_pipeline::store::{DeadLetterStore, DeviceSummary, LatestStore, PageCache, StoreError};
 use redis::aio::ConnectionManager;
@@ -464,5 +465,106 @@ impl PageCache for RedisPageCache {
             .query_async(&mut conn)
             .await
             .map_err(unavailable)
+    }
+}
+
+/// A [`KeyValue`] table in Redis: the part of a key before its first `/` names a hash
+/// (`{prefix}{kv}:<namespace>`, one Redis Cluster slot for all of them), the rest is the field.
+/// Rule definitions, rule state and active alarms of distributed mode live here.
+#[derive(Clone)]
+pub struct RedisKv {
+    conn: ConnectionManager,
+    prefix: String,
+}
+
+impl RedisKv {
+    /// Connects.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when Redis cannot be reached.
+    pub async fn connect(cfg: &RedisConfig) -> Result<Self, StoreError> {
+        Ok(Self {
+            conn: connect(cfg).await?,
+            prefix: cfg.key_prefix.clone(),
+        })
+    }
+
+    fn split<'k>(&self, key: &'k str) -> (String, &'k str) {
+        let (ns, field) = key.split_once('/').unwrap_or(("", key));
+        (format!("{}{{kv}}:{ns}", self.prefix), field)
+    }
+}
+
+#[async_trait]
+impl KeyValue for RedisKv {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let (hash, field) = self.split(key);
+        let mut conn = self.conn.clone();
+        redis::cmd("HGET")
+            .arg(hash)
+            .arg(field)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for k in keys {
+            let (hash, field) = self.split(k);
+            pipe.cmd("HGET").arg(hash).arg(field);
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async(&mut conn).await.map_err(unavailable)
+    }
+
+    async fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let (hash, field_prefix) = self.split(prefix);
+        let ns = prefix.split_once('/').map_or("", |(ns, _)| ns);
+        let mut conn = self.conn.clone();
+        let all: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
+            .arg(hash)
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let mut out: Vec<(String, Vec<u8>)> = all
+            .into_iter()
+            .filter(|(f, _)| f.starts_with(field_prefix))
+            .map(|(f, v)| {
+                let key = if ns.is_empty() {
+                    f
+                } else {
+                    format!("{ns}/{f}")
+                };
+                (key, v)
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    async fn apply(&self, writes: Vec<KvWrite>) -> Result<(), StoreError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for w in &writes {
+            match w {
+                KvWrite::Put(k, v) => {
+                    let (hash, field) = self.split(k);
+                    pipe.cmd("HSET").arg(hash).arg(field).arg(v).ignore();
+                }
+                KvWrite::Delete(k) => {
+                    let (hash, field) = self.split(k);
+                    pipe.cmd("HDEL").arg(hash).arg(field).ignore();
+                }
+            }
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
     }
 }

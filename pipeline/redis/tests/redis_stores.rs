@@ -9,9 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use iotpipe_pipeline::change::{merge, LatestState, MergeOutcome};
 use iotpipe_pipeline::dead_letter::{DeadLetter, Stage};
+use iotpipe_pipeline::kv::{KeyValue, KvWrite};
 use iotpipe_pipeline::record::{parse_record, Limits, Record, RejectReason, Rejection, SourceRef};
 use iotpipe_pipeline::store::{DeadLetterStore, LatestStore};
-use iotpipe_redis::{RedisConfig, RedisDeadLetters, RedisLatest};
+use iotpipe_redis::{RedisConfig, RedisDeadLetters, RedisKv, RedisLatest};
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
@@ -205,4 +206,36 @@ proptest! {
             }
         });
     }
+}
+
+#[tokio::test]
+async fn kv_namespaces_batches_and_prefix_scans() {
+    let kv = RedisKv::connect(&config()).await.unwrap();
+    kv.apply(vec![
+        KvWrite::Put("rule-state/r1/d1".into(), b"a".to_vec()),
+        KvWrite::Put("rule-state/r1/d2".into(), b"b".to_vec()),
+        KvWrite::Put("rule-state/r2/d1".into(), b"c".to_vec()),
+        KvWrite::Put("alarm/r1/d1".into(), b"x".to_vec()),
+    ])
+    .await
+    .unwrap();
+    kv.apply(vec![KvWrite::Delete("rule-state/r1/d2".into())])
+        .await
+        .unwrap();
+    assert_eq!(kv.get("rule-state/r1/d2").await.unwrap(), None);
+    assert_eq!(
+        kv.get_many(&[
+            "rule-state/r2/d1".into(),
+            "alarm/r1/d1".into(),
+            "alarm/none".into()
+        ])
+        .await
+        .unwrap(),
+        vec![Some(b"c".to_vec()), Some(b"x".to_vec()), None]
+    );
+    assert_eq!(
+        kv.scan_prefix("rule-state/r1/").await.unwrap(),
+        vec![("rule-state/r1/d1".to_owned(), b"a".to_vec())]
+    );
+    assert_eq!(kv.scan_prefix("alarm/").await.unwrap().len(), 1);
 }

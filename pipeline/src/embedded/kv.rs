@@ -1,12 +1,14 @@
 //! A small durable key-value table in redb, for state that is neither latest state nor history
-//! (rule state and active alarms, later the device registry).
+//! (rule definitions, rule state, active alarms, the device registry of `iotpipe dev`).
 
 use std::path::Path;
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use redb::{Database, TableDefinition};
 
 use super::{blocking, unavailable};
+use crate::kv::{KeyValue, KvWrite};
 use crate::store::StoreError;
 
 const TABLE: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
@@ -29,12 +31,11 @@ impl RedbKv {
         tx.commit().map_err(unavailable)?;
         Ok(Self { db: Arc::new(db) })
     }
+}
 
-    /// The value of `key`.
-    ///
-    /// # Errors
-    /// [`StoreError`] when the read fails.
-    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+#[async_trait]
+impl KeyValue for RedbKv {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let (db, key) = (Arc::clone(&self.db), key.to_owned());
         blocking(move || {
             let rtx = db.begin_read().map_err(unavailable)?;
@@ -46,11 +47,23 @@ impl RedbKv {
         .await
     }
 
-    /// Every pair whose key starts with `prefix`.
-    ///
-    /// # Errors
-    /// [`StoreError`] when the read fails.
-    pub async fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let (db, keys) = (Arc::clone(&self.db), keys.to_vec());
+        blocking(move || {
+            let rtx = db.begin_read().map_err(unavailable)?;
+            let t = rtx.open_table(TABLE).map_err(unavailable)?;
+            keys.iter()
+                .map(|k| {
+                    Ok(t.get(k.as_str())
+                        .map_err(unavailable)?
+                        .map(|v| v.value().to_vec()))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn scan_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let (db, prefix) = (Arc::clone(&self.db), prefix.to_owned());
         blocking(move || {
             let rtx = db.begin_read().map_err(unavailable)?;
@@ -68,12 +81,8 @@ impl RedbKv {
         .await
     }
 
-    /// Writes every pair in one durable transaction.
-    ///
-    /// # Errors
-    /// [`StoreError`] when the write fails; nothing is written then.
-    pub async fn put_many(&self, pairs: Vec<(String, Vec<u8>)>) -> Result<(), StoreError> {
-        if pairs.is_empty() {
+    async fn apply(&self, writes: Vec<KvWrite>) -> Result<(), StoreError> {
+        if writes.is_empty() {
             return Ok(());
         }
         let db = Arc::clone(&self.db);
@@ -81,12 +90,47 @@ impl RedbKv {
             let tx = db.begin_write().map_err(unavailable)?;
             {
                 let mut t = tx.open_table(TABLE).map_err(unavailable)?;
-                for (k, v) in &pairs {
-                    t.insert(k.as_str(), v.as_slice()).map_err(unavailable)?;
+                for w in &writes {
+                    match w {
+                        KvWrite::Put(k, v) => {
+                            t.insert(k.as_str(), v.as_slice()).map_err(unavailable)?;
+                        }
+                        KvWrite::Delete(k) => {
+                            t.remove(k.as_str()).map_err(unavailable)?;
+                        }
+                    }
                 }
             }
             tx.commit().map_err(unavailable)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn puts_deletes_and_prefix_scans() -> Result<(), StoreError> {
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let kv = RedbKv::open(&dir.path().join("kv.redb"))?;
+        kv.apply(vec![
+            KvWrite::Put("a/1".into(), b"x".to_vec()),
+            KvWrite::Put("a/2".into(), b"y".to_vec()),
+            KvWrite::Put("b/1".into(), b"z".to_vec()),
+        ])
+        .await?;
+        kv.apply(vec![KvWrite::Delete("a/1".into())]).await?;
+        assert_eq!(kv.get("a/1").await?, None);
+        assert_eq!(
+            kv.get_many(&["a/2".into(), "nope".into()]).await?,
+            vec![Some(b"y".to_vec()), None]
+        );
+        assert_eq!(
+            kv.scan_prefix("a/").await?,
+            vec![("a/2".to_owned(), b"y".to_vec())]
+        );
+        Ok(())
     }
 }
