@@ -33,6 +33,8 @@ telemetry = "{u}.telemetry"
 changes = "{u}.changes"
 alerts = "{u}.alerts"
 dead_letters = "{u}.dlq"
+rules = "{u}.rules"
+registry = "{u}.registry"
 
 [ingest]
 broker = "{mqtt}"
@@ -57,6 +59,7 @@ key_prefix = "{u}:"
 
 [dynamodb]
 table = "t{u}"
+devices_table = "d{u}"
 endpoint = "{dynamo}"
 region = "us-east-1"
 "#,
@@ -432,4 +435,126 @@ async fn two_materializers_share_the_partitions() {
     while let Some(p) = procs.pop() {
         p.stop();
     }
+}
+
+/// Rules managed through the API reach the rules worker without a restart; ownership comes from
+/// the registry; the alarm lives in Redis, so a restarted worker neither re-raises nor forgets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_from_the_api_reach_the_worker_and_alarms_survive_a_restart() {
+    use common::http;
+    aws_test_credentials();
+    let dir = tempfile::tempdir().unwrap();
+    let (config, prefix) = write_config(dir.path(), "rules");
+    history_init(&config, dir.path());
+    let start = |n: usize| {
+        let mut p = Proc::spawn(
+            &["all", "--config", config.to_str().unwrap()],
+            &dir.path().join(format!("all{n}.log")),
+        );
+        let addr = p.wait_for_addr("HTTP on http://");
+        (p, addr)
+    };
+    let (all, api) = start(1);
+    wait_until(api, "/readyz", |s, _| s == 200).await;
+    let (dev_a, dev_b) = (format!("{prefix}-a"), format!("{prefix}-b"));
+    for (d, owner) in [(&dev_a, "alice"), (&dev_b, "bob")] {
+        let (s, v) = http(
+            api,
+            "PUT",
+            &format!("/v1/admin/devices/{d}"),
+            Some(json!({"owner": owner})),
+        )
+        .await;
+        assert_eq!(s, 200, "{v}");
+    }
+    let (s, v) = http(
+        api,
+        "PUT",
+        "/v1/rules/hot",
+        Some(json!({"owner": "alice", "script": "if (metrics.t ?? 0) > 30 { alert(`hot ${device}`) } else { clear() }"})),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = http(
+        api,
+        "PUT",
+        "/v1/rules/broken",
+        Some(json!({"owner": "alice", "script": "if metrics.t > { }"})),
+    )
+    .await;
+    assert_eq!(s, 422, "{v}");
+    assert!(v["error"]["line"].as_u64() == Some(1), "{v}");
+    // The rule reaches the running worker through the rules topic (no restart).
+    wait_until(api, "/metrics", |_, m| {
+        m.as_str()
+            .is_some_and(|t| t.lines().any(|l| l == "iotpipe_rules_loaded 1"))
+    })
+    .await;
+
+    let mut ws = ws_connect(api).await;
+    ws.send(json!({"op": "subscribe", "devices": ["*"]})).await;
+    assert_eq!(ws.next().await.unwrap()["type"], "subscribed");
+    let mut p = Publisher::new(mqtt_addr(), &format!("pub-rules-{prefix}"));
+    let t0 = iotpipe_pipeline::time::now_ms() - 5_000;
+    let send = |d: &str, ts: i64, t: i64| {
+        (
+            format!("{prefix}/{d}/telemetry"),
+            json!({"ts": ts, "t": t}).to_string(),
+        )
+    };
+    // Bob's device first: alice's rule must never see it.
+    for (topic, body) in [send(&dev_b, t0, 99), send(&dev_a, t0, 99)] {
+        p.publish(&topic, body.as_bytes(), Duration::from_secs(10))
+            .await;
+    }
+    let a = ws.next_of("alert").await;
+    assert_eq!(
+        (a["kind"].as_str(), a["device"].as_str(), a["rule"].as_str()),
+        (Some("raised"), Some(dev_a.as_str()), Some("hot"))
+    );
+    let alarms = wait_until(api, "/v1/alarms?owner=alice", |_, v| {
+        v["alarms"].as_array().is_some_and(|a| a.len() == 1)
+    })
+    .await;
+    assert_eq!(alarms["alarms"][0]["device"], dev_a.as_str());
+    let (_, bob) = http(api, "GET", "/v1/alarms?owner=bob", None).await;
+    assert_eq!(bob["alarms"], json!([]));
+    all.stop();
+
+    // Restarted: the rule is loaded from Redis, the alarm is still active.
+    let (all, api) = start(2);
+    wait_until(api, "/readyz", |s, _| s == 200).await;
+    let mut ws = ws_connect(api).await;
+    ws.send(json!({"op": "subscribe", "devices": ["*"]})).await;
+    ws.next_of("subscribed").await;
+    let (topic, body) = send(&dev_a, t0 + 1000, 98);
+    p.publish(&topic, body.as_bytes(), Duration::from_secs(10))
+        .await;
+    let (topic, body) = send(&dev_a, t0 + 2000, 1);
+    p.publish(&topic, body.as_bytes(), Duration::from_secs(10))
+        .await;
+    // Not raised again at 98; cleared at 1.
+    let a = ws.next_of("alert").await;
+    assert_eq!(a["kind"], "cleared", "{a}");
+    wait_until(api, "/v1/alarms?owner=alice", |_, v| {
+        v["alarms"] == json!([])
+    })
+    .await;
+
+    // Removed through the API: the worker stops running it, without a restart.
+    let (s, _) = http(api, "DELETE", "/v1/rules/hot", None).await;
+    assert_eq!(s, 204);
+    let (s, _) = http(api, "GET", "/v1/rules/hot", None).await;
+    assert_eq!(s, 404);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (topic, body) = send(&dev_a, t0 + 3000, 99);
+    p.publish(&topic, body.as_bytes(), Duration::from_secs(10))
+        .await;
+    assert!(
+        ws.try_next_of("alert", Duration::from_secs(4))
+            .await
+            .is_err(),
+        "a removed rule raised an alert"
+    );
+    all.stop();
 }

@@ -193,3 +193,57 @@ async fn a_silence_rule_fires_on_the_timer_when_a_device_stops_sending() {
     );
     dev.stop();
 }
+
+/// Rewriting a rule file many times while records flow loses no record: the rule counts records
+/// in its state and alerts exactly at the 300th, whichever version sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_reload_loses_no_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let version = |v: u32| {
+        format!("state.n = (state.n ?? 0) + 1;\nif state.n == 300 {{ alert(\"info\", `v{v} saw ${{state.n}}`) }}\n")
+    };
+    let rules = rules_dir(dir.path(), &[("count", &version(0))]);
+    let (dev, mut ws) = start(&dir.path().join("data"), &rules).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rewriter = {
+        let (rules, stop) = (rules.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut v = 1;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // Atomic replace, as editors do.
+                let tmp = rules.join("count.tmp");
+                std::fs::write(&tmp, version(v)).unwrap();
+                std::fs::rename(&tmp, rules.join("count.rhai")).unwrap();
+                v += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            v
+        })
+    };
+    let mut p = Publisher::new(dev.mqtt, "reload-pub");
+    let t0 = iotpipe_pipeline::time::now_ms() - 60_000;
+    for i in 0..300 {
+        p.publish(
+            "devices/c-1/telemetry",
+            json!({"ts": t0 + i, "i": i}).to_string().as_bytes(),
+            Duration::from_secs(10),
+        )
+        .await;
+        // Spread over about 4.5 s, so the directory is re-read several times mid-stream.
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    let a = ws.next_of("alert").await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let versions = rewriter.join().unwrap();
+    assert!(versions > 10, "the file was rewritten {versions} times");
+    let text = a["text"].as_str().unwrap();
+    assert!(text.ends_with(" saw 300"), "{a}");
+    assert_ne!(text, "v0 saw 300", "no reload happened mid-stream");
+    let reloads = dev
+        .log()
+        .lines()
+        .filter(|l| l.contains("Rule file loaded") && l.contains("count"))
+        .count();
+    assert!(reloads >= 4, "only {reloads} reloads");
+    dev.stop();
+}

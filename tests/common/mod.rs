@@ -87,9 +87,24 @@ pub async fn try_get(
     addr: SocketAddr,
     path: &str,
 ) -> Option<(u16, std::collections::HashMap<String, String>, Value)> {
+    try_request(addr, "GET", path, None).await
+}
+
+/// A minimal HTTP/1.1 request with an optional JSON body; as [`try_get`].
+pub async fn try_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Option<(u16, std::collections::HashMap<String, String>, Value)> {
     let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let body = body.map(Value::to_string).unwrap_or_default();
     s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
     )
     .await
     .ok()?;
@@ -112,6 +127,14 @@ pub async fn try_get(
         headers,
         serde_json::from_str(body).unwrap_or(Value::String(body.to_owned())),
     ))
+}
+
+/// `method path` with a JSON body: status and JSON body; panics when nothing answers.
+pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let (status, _, v) = try_request(addr, method, path, body.as_ref())
+        .await
+        .unwrap_or_else(|| panic!("nothing answers {method} {path} on {addr}"));
+    (status, v)
 }
 
 /// `GET path`: status and JSON body; panics when nothing answers.
