@@ -183,9 +183,11 @@ async fn registry_rules_api_and_ownership() {
 
 /// A webhook receiver: answers each request with the next status of `script` (the last one
 /// repeats), or never answers when the status is 0; records what it received.
+type Request = (std::collections::HashMap<String, String>, String);
+
 #[derive(Clone, Default)]
 struct Receiver {
-    got: Arc<Mutex<Vec<(std::collections::HashMap<String, String>, String)>>>,
+    got: Arc<Mutex<Vec<Request>>>,
 }
 
 impl Receiver {
@@ -253,7 +255,7 @@ impl Receiver {
         (me, addr)
     }
 
-    fn requests(&self) -> Vec<(std::collections::HashMap<String, String>, String)> {
+    fn requests(&self) -> Vec<Request> {
         self.got.lock().unwrap().clone()
     }
 }
