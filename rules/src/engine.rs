@@ -35,7 +35,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::sandbox::{Action, Compiled, Input, RuleError, Sandbox};
+use crate::sandbox::{Action, Compiled, Input, MetricKeys, Prepared, RuleError, Sandbox};
 use crate::{Alert, AlertKind, Evaluator};
 
 /// Which devices a rule applies to (always within its owner's devices).
@@ -262,14 +262,12 @@ struct Loaded {
     /// Whether the script mentions `tick`: only such rules run on the timer, so a plain
     /// threshold rule (`if t > 30 { alert(..) } else { clear() }`) is never cleared by a tick.
     uses_tick: bool,
+    /// Its evaluation counter, looked up once (not per evaluation).
+    evaluations: Option<prometheus::IntCounter>,
 }
 
 fn mentions_tick(script: &str) -> bool {
-    let b = script.as_bytes();
-    script.match_indices("tick").any(|(i, _)| {
-        let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
-        (i == 0 || !ident(b[i - 1])) && b.get(i + 4).is_none_or(|c| !ident(*c))
-    })
+    crate::sandbox::mentions(script, "tick")
 }
 
 impl Loaded {
@@ -590,6 +588,10 @@ impl RuleEngine {
         let compiled = self.sandbox.compile(&rule.script)?;
         let loaded = Arc::new(Loaded {
             uses_tick: mentions_tick(&rule.script),
+            evaluations: self
+                .metrics
+                .as_ref()
+                .map(|m| m.rule_evaluations.with_label_values(&[&rule.id])),
             rule,
             compiled,
             failures: AtomicU32::new(0),
@@ -762,16 +764,31 @@ impl RuleEngine {
             ts: record.ts,
             record_id: &record.id,
         };
-        let prev = self.prev.lock().get(&record.device).cloned();
+        let mut keys = MetricKeys::Keys(Vec::new());
         for r in rules {
-            self.evaluate_one(
-                r,
-                at,
-                &record.metrics,
-                prev.as_ref().map(|p| &p.metrics),
-                false,
-                out,
-            );
+            keys.union(r.compiled.metric_keys());
+        }
+        let mut prepared = {
+            let prev = self.prev.lock();
+            Sandbox::prepare_for(
+                &Input {
+                    device: &record.device,
+                    ts: record.ts,
+                    now: record.ts,
+                    metrics: &record.metrics,
+                    prev: if rules.iter().any(|r| r.compiled.uses_prev()) {
+                        prev.get(&record.device).map(|p| &p.metrics)
+                    } else {
+                        None
+                    },
+                    tick: false,
+                },
+                &keys,
+            )
+        };
+        for (i, r) in rules.iter().enumerate() {
+            let last = i + 1 == rules.len();
+            self.evaluate_one(r, at, &mut prepared, last, false, out);
         }
         let mut all = self.prev.lock();
         let p = all.entry(record.device.clone()).or_insert_with(|| Prev {
@@ -849,7 +866,15 @@ impl RuleEngine {
                     ts: now,
                     record_id: &no_record,
                 };
-                self.evaluate_one(r, at, &empty, None, true, &mut out);
+                let mut prepared = Sandbox::prepare(&Input {
+                    device,
+                    ts: now,
+                    now,
+                    metrics: &empty,
+                    prev: None,
+                    tick: true,
+                });
+                self.evaluate_one(r, at, &mut prepared, true, true, &mut out);
             }
             out
         }))
@@ -869,27 +894,25 @@ impl RuleEngine {
         &self,
         r: &Loaded,
         at: At<'_>,
-        metrics: &serde_json::Map<String, serde_json::Value>,
-        prev: Option<&serde_json::Map<String, serde_json::Value>>,
+        input: &mut Prepared,
+        last: bool,
         tick: bool,
         out: &mut Vec<Alert>,
     ) {
         let key = (r.rule.id.clone(), at.device.to_owned());
         let mut states = self.states.lock();
         let st = states.entry(key.clone()).or_default();
-        let input = Input {
-            device: at.device,
-            ts: at.ts,
-            now: at.ts,
-            metrics,
-            prev,
-            tick,
-        };
-        if let Some(m) = &self.metrics {
-            m.rule_evaluations.with_label_values(&[&r.rule.id]).inc();
+        if let Some(c) = &r.evaluations {
+            c.inc();
         }
         let before = out.len();
-        let result = self.sandbox.evaluate(&r.compiled, &input, &mut st.state);
+        let result = if last {
+            self.sandbox
+                .evaluate_last(&r.compiled, input, &mut st.state)
+        } else {
+            self.sandbox
+                .evaluate_prepared(&r.compiled, input, &mut st.state)
+        };
         match result {
             Ok(actions) => {
                 r.failures.store(0, Ordering::Relaxed);

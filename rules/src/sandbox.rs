@@ -20,7 +20,7 @@ use rhai::packages::{
     ArithmeticPackage, BasicArrayPackage, BasicIteratorPackage, BasicMapPackage, BasicMathPackage,
     BasicStringPackage, LanguageCorePackage, LogicPackage, MoreStringPackage, Package,
 };
-use rhai::{Dynamic, Engine, EvalAltResult, Map, Position, Scope, AST};
+use rhai::{Dynamic, Engine, EvalAltResult, ImmutableString, Map, Position, Scope, AST};
 use serde::{Deserialize, Serialize};
 
 /// Every resource limit of a rule evaluation. The defaults suit one short condition per record.
@@ -145,6 +145,97 @@ impl std::fmt::Display for RuntimeKind {
 #[derive(Debug, Clone)]
 pub struct Compiled {
     ast: AST,
+    /// Which of [`VARIABLES`] the script mentions (by name, conservatively): only those are set
+    /// up per evaluation.
+    uses: [bool; 7],
+    metric_keys: MetricKeys,
+}
+
+impl Compiled {
+    /// Whether the script mentions `prev` (so the device's previous state must be prepared).
+    pub fn uses_prev(&self) -> bool {
+        self.uses[4]
+    }
+
+    /// Which metrics the script reads.
+    pub fn metric_keys(&self) -> &MetricKeys {
+        &self.metric_keys
+    }
+}
+
+/// Which of a record's metrics a script reads: only those are converted for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricKeys {
+    /// The whole map (the script iterates it, tests membership, passes it on, ...).
+    All,
+    /// Only these keys (`metrics.temp`, `metrics["temp"]`, `metrics?.temp`).
+    Keys(Vec<String>),
+}
+
+impl MetricKeys {
+    /// What two scripts on the same record need together.
+    pub fn union(&mut self, other: &Self) {
+        match (&mut *self, other) {
+            (Self::All, _) => {}
+            (_, Self::All) => *self = Self::All,
+            (Self::Keys(a), Self::Keys(b)) => {
+                for k in b {
+                    if !a.contains(k) {
+                        a.push(k.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Scans a script for its uses of `metrics`; anything but a plain key read means all.
+    fn of(source: &str) -> Self {
+        let b = source.as_bytes();
+        let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+        let mut keys: Vec<String> = Vec::new();
+        for (i, _) in source.match_indices("metrics") {
+            let end = i + "metrics".len();
+            if (i > 0 && ident(b[i - 1])) || b.get(end).is_some_and(|c| ident(*c)) {
+                continue;
+            }
+            let rest = &source[end..];
+            let key = if let Some(r) = rest.strip_prefix('.').or_else(|| rest.strip_prefix("?.")) {
+                let n = r.bytes().take_while(|c| ident(*c)).count();
+                let after = r[n..].trim_start();
+                // `metrics.keys()` is a method call, not a key.
+                (n > 0 && !after.starts_with('(')).then(|| r[..n].to_owned())
+            } else if let Some(r) = rest
+                .strip_prefix("[\"")
+                .or_else(|| rest.strip_prefix("?[\""))
+            {
+                r.find('"')
+                    .map(|q| &r[..q])
+                    .filter(|k| !k.contains('\\') && !k.contains('$'))
+                    .map(str::to_owned)
+            } else {
+                None
+            };
+            match key {
+                Some(k) => {
+                    if !keys.contains(&k) {
+                        keys.push(k);
+                    }
+                }
+                None => return Self::All,
+            }
+        }
+        Self::Keys(keys)
+    }
+}
+
+/// Whether `name` appears in `source` as a whole identifier (a comment or string counts too,
+/// which only costs a variable set up for nothing).
+pub(crate) fn mentions(source: &str, name: &str) -> bool {
+    let b = source.as_bytes();
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    source.match_indices(name).any(|(i, _)| {
+        (i == 0 || !ident(b[i - 1])) && b.get(i + name.len()).is_none_or(|c| !ident(*c))
+    })
 }
 
 /// The input of one evaluation.
@@ -169,6 +260,8 @@ thread_local! {
     // live here, so the engine-wide callbacks can reach them.
     static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
     static ACTIONS: RefCell<Vec<Action>> = const { RefCell::new(Vec::new()) };
+    // One scope per thread, rewound for each evaluation: no allocation per evaluation.
+    static SCOPE: RefCell<Scope<'static>> = RefCell::new(Scope::new());
 }
 
 /// The rule sandbox: one engine, shared by every rule.
@@ -256,7 +349,11 @@ impl Sandbox {
         let scope = Self::scope_template();
         self.engine
             .compile_with_scope(&scope, source)
-            .map(|ast| Compiled { ast })
+            .map(|ast| Compiled {
+                ast,
+                uses: VARIABLES.map(|v| mentions(source, v)),
+                metric_keys: MetricKeys::of(source),
+            })
             .map_err(|e| {
                 let (line, column) = (e.1.line().unwrap_or(0), e.1.position().unwrap_or(0));
                 RuleError::Compile {
@@ -265,6 +362,39 @@ impl Sandbox {
                     message: e.0.to_string(),
                 }
             })
+    }
+
+    /// Converts a record's values for the script once; evaluate any number of rules on it with
+    /// [`Sandbox::evaluate_prepared`].
+    pub fn prepare(input: &Input<'_>) -> Prepared {
+        Self::prepare_for(input, &MetricKeys::All)
+    }
+
+    /// Like [`Sandbox::prepare`], converting only the metrics `keys` names (what the rules to
+    /// be run on it read, see [`Compiled::metric_keys`]).
+    pub fn prepare_for(input: &Input<'_>, keys: &MetricKeys) -> Prepared {
+        let metrics = match keys {
+            MetricKeys::All => map_to_dynamic(input.metrics),
+            MetricKeys::Keys(keys) => {
+                let mut m = Map::new();
+                for k in keys {
+                    if let Some(v) = input.metrics.get(k) {
+                        m.insert(k.as_str().into(), json_to_dynamic(v));
+                    }
+                }
+                Dynamic::from_map(m)
+            }
+        };
+        Prepared {
+            device: Dynamic::from(ImmutableString::from(input.device)),
+            ts: input.ts,
+            now: input.now,
+            tick: input.tick,
+            // Converted once; each rule gets its own copy (a shared value would let one rule
+            // change what the next one sees), pushed as a constant.
+            metrics,
+            prev: input.prev.map_or(Dynamic::UNIT, map_to_dynamic),
+        }
     }
 
     /// Runs `rule` on `input`; `state` is the rule's per-device map, updated in place.
@@ -277,28 +407,94 @@ impl Sandbox {
         input: &Input<'_>,
         state: &mut Map,
     ) -> Result<Vec<Action>, RuleError> {
-        let to_dyn = |v: &serde_json::Map<String, serde_json::Value>| {
-            rhai::serde::to_dynamic(v).unwrap_or(Dynamic::UNIT)
-        };
-        let mut scope = Scope::new();
-        scope.push("device", input.device.to_owned());
-        scope.push("ts", input.ts);
-        scope.push("now", input.now);
-        scope.push("tick", input.tick);
-        scope.push("metrics", to_dyn(input.metrics));
-        scope.push("prev", input.prev.map_or(Dynamic::UNIT, to_dyn));
-        scope.push("state", state.clone());
-        DEADLINE.with(|d| {
-            d.set(Some(
-                Instant::now() + Duration::from_micros(self.limits.deadline_us),
-            ))
+        self.evaluate_prepared(rule, &Self::prepare(input), state)
+    }
+
+    /// Runs `rule` on prepared input (see [`Sandbox::prepare`]).
+    ///
+    /// # Errors
+    /// [`RuleError::Runtime`] when the script fails or hits a limit; `state` is then unchanged.
+    pub fn evaluate_prepared(
+        &self,
+        rule: &Compiled,
+        input: &Prepared,
+        state: &mut Map,
+    ) -> Result<Vec<Action>, RuleError> {
+        self.run(rule, input, None, state)
+    }
+
+    /// Like [`Sandbox::evaluate_prepared`] for the last rule evaluated on a record: its values
+    /// are moved into the script instead of copied.
+    ///
+    /// # Errors
+    /// [`RuleError::Runtime`] when the script fails or hits a limit; `state` is then unchanged.
+    pub fn evaluate_last(
+        &self,
+        rule: &Compiled,
+        input: &mut Prepared,
+        state: &mut Map,
+    ) -> Result<Vec<Action>, RuleError> {
+        let metrics = std::mem::take(&mut input.metrics);
+        self.run(rule, input, Some(metrics), state)
+    }
+
+    fn run(
+        &self,
+        rule: &Compiled,
+        input: &Prepared,
+        metrics: Option<Dynamic>,
+        state: &mut Map,
+    ) -> Result<Vec<Action>, RuleError> {
+        // An empty state (most rules) needs no copy to restore after a failure.
+        let original = (!state.is_empty()).then(|| state.clone());
+        let (result, new_state) = SCOPE.with(|cell| {
+            let mut scope = cell.borrow_mut();
+            scope.rewind(0);
+            // Only what the script mentions, in the order of VARIABLES (compiled against).
+            let u = rule.uses;
+            if u[0] {
+                scope.push_dynamic("device", input.device.clone());
+            }
+            if u[1] {
+                scope.push("ts", input.ts);
+            }
+            if u[2] {
+                scope.push("now", input.now);
+            }
+            if u[3] {
+                let m = metrics.unwrap_or_else(|| input.metrics.clone());
+                scope.push_constant_dynamic("metrics", m);
+            }
+            if u[4] {
+                scope.push_constant_dynamic("prev", input.prev.clone());
+            }
+            scope.push("state", std::mem::take(state));
+            if u[6] {
+                scope.push("tick", input.tick);
+            }
+            DEADLINE.with(|d| {
+                d.set(Some(
+                    Instant::now() + Duration::from_micros(self.limits.deadline_us),
+                ))
+            });
+            ACTIONS.with(|a| a.borrow_mut().clear());
+            let result = self.engine.run_ast_with_scope(&mut scope, &rule.ast);
+            DEADLINE.with(|d| d.set(None));
+            let new_state = scope
+                .get_mut("state")
+                .map(std::mem::take)
+                .and_then(Dynamic::try_cast::<Map>);
+            scope.rewind(0);
+            (result, new_state)
         });
-        ACTIONS.with(|a| a.borrow_mut().clear());
-        let result = self.engine.run_ast_with_scope(&mut scope, &rule.ast);
-        DEADLINE.with(|d| d.set(None));
         let actions = ACTIONS.with(|a| std::mem::take(&mut *a.borrow_mut()));
-        result.map_err(|e| runtime_error(&e))?;
-        let Some(new_state) = scope.get_value::<Map>("state") else {
+        let restore = |state: &mut Map| *state = original.clone().unwrap_or_default();
+        if let Err(e) = result {
+            restore(state);
+            return Err(runtime_error(&e));
+        }
+        let Some(new_state) = new_state else {
+            restore(state);
             return Err(RuleError::Runtime {
                 kind: RuntimeKind::Other,
                 message: "`state` must stay a map".into(),
@@ -307,16 +503,13 @@ impl Sandbox {
         // The state outlives the evaluation (it is stored per rule and device), so its size is
         // checked here too: within one evaluation the limits above bound it, across evaluations
         // only this does.
-        let bytes =
-            rhai::serde::from_dynamic::<serde_json::Value>(&Dynamic::from_map(new_state.clone()))
-                .ok()
-                .and_then(|v| serde_json::to_vec(&v).ok())
-                .map_or(usize::MAX, |v| v.len());
+        let bytes = json_size(&new_state);
         if new_state.len() > self.limits.max_map_size || bytes > self.limits.max_state_bytes {
+            restore(state);
             return Err(RuleError::Runtime {
                 kind: RuntimeKind::DataTooLarge,
                 message: format!(
-                    "`state` would hold {} entries / {bytes} bytes; the limits are {} / {}",
+                    "`state` would hold {} entries / about {bytes} bytes; the limits are {} / {}",
                     new_state.len(),
                     self.limits.max_map_size,
                     self.limits.max_state_bytes
@@ -326,6 +519,70 @@ impl Sandbox {
         *state = new_state;
         Ok(actions)
     }
+}
+
+/// A record's values converted for scripts, shared by every rule evaluated on it.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    device: Dynamic,
+    ts: i64,
+    now: i64,
+    tick: bool,
+    metrics: Dynamic,
+    prev: Dynamic,
+}
+
+fn map_to_dynamic(m: &serde_json::Map<String, serde_json::Value>) -> Dynamic {
+    // Inserted one by one: JSON maps come sorted, and `collect` would sort again.
+    let mut out = Map::new();
+    for (k, v) in m {
+        out.insert(k.as_str().into(), json_to_dynamic(v));
+    }
+    Dynamic::from_map(out)
+}
+
+/// JSON to a script value directly (no serde round trip): integers stay integers, other numbers
+/// are floats, null is `()`.
+fn json_to_dynamic(v: &serde_json::Value) -> Dynamic {
+    use serde_json::Value;
+    match v {
+        Value::Null => Dynamic::UNIT,
+        Value::Bool(b) => Dynamic::from_bool(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => Dynamic::from_int(i),
+            None => Dynamic::from_float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Value::String(s) => Dynamic::from(ImmutableString::from(s.as_str())),
+        Value::Array(a) => Dynamic::from_array(a.iter().map(json_to_dynamic).collect()),
+        Value::Object(o) => map_to_dynamic(o),
+    }
+}
+
+/// About how many bytes `m` takes as JSON (exact for plain values; a bound for the size limit,
+/// computed without serializing).
+fn json_size(m: &Map) -> usize {
+    fn size(v: &Dynamic) -> usize {
+        if v.is_unit() {
+            4
+        } else if let Ok(b) = v.as_bool() {
+            if b {
+                4
+            } else {
+                5
+            }
+        } else if v.is_int() || v.is_float() {
+            20
+        } else if let Some(s) = v.read_lock::<ImmutableString>() {
+            s.len() + 2
+        } else if let Some(a) = v.read_lock::<rhai::Array>() {
+            2 + a.iter().map(|x| size(x) + 1).sum::<usize>()
+        } else if let Some(m) = v.read_lock::<Map>() {
+            json_size(&m)
+        } else {
+            v.to_string().len() + 2
+        }
+    }
+    2 + m.iter().map(|(k, v)| k.len() + 4 + size(v)).sum::<usize>()
 }
 
 fn runtime_error(e: &EvalAltResult) -> RuleError {

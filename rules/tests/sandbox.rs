@@ -182,3 +182,81 @@ fn the_wall_clock_deadline_stops_slow_scripts() {
         started.elapsed()
     );
 }
+
+#[test]
+fn metrics_and_prev_are_read_only_so_no_rule_changes_what_the_next_sees() {
+    let sb = Sandbox::new(Limits::default());
+    let m = metrics(json!({"t": 35, "tags": [1, 2]}));
+    let p = metrics(json!({"t": 30}));
+    let input = Input {
+        device: "d1",
+        ts: 1,
+        now: 1,
+        metrics: &m,
+        prev: Some(&p),
+        tick: false,
+    };
+    let prepared = Sandbox::prepare(&input);
+    for src in [
+        "metrics.t = 0;",
+        "metrics.tags.push(3);",
+        "metrics[\"t\"] = 0;",
+        "prev.t = 0;",
+        "metrics = #{};",
+        "metrics.tags[0] = 9;",
+        "let x = metrics; x.t = 1; x.tags.push(3);",
+    ] {
+        let rule = sb.compile(src).unwrap();
+        // Either refused, or applied to a copy: never to the shared record.
+        let _ = sb.evaluate_prepared(&rule, &prepared, &mut Map::new());
+    }
+    let check = sb
+        .compile(r#"if metrics.t == 35 && metrics.tags.len() == 2 && metrics.tags[0] == 1 && prev.t == 30 { alert("ok") }"#)
+        .unwrap();
+    let got = sb
+        .evaluate_prepared(&check, &prepared, &mut Map::new())
+        .unwrap();
+    assert_eq!(got.len(), 1, "a rule changed the record another rule sees");
+}
+
+#[test]
+fn only_the_metrics_a_script_reads_are_converted_and_anything_unusual_means_all() {
+    use iotpipe_rules::sandbox::MetricKeys;
+    let sb = Sandbox::new(Limits::default());
+    let keys = |src: &str| sb.compile(src).unwrap().metric_keys().clone();
+    assert_eq!(
+        keys(
+            r#"if metrics.temp > 30.0 && (metrics?.hum ?? 0) > 1 && metrics["bat"] < 3 { alert("x") }"#
+        ),
+        MetricKeys::Keys(vec!["temp".into(), "hum".into(), "bat".into()])
+    );
+    for all in [
+        r#"if "temp" in metrics { alert("x") }"#,
+        "for k in metrics.keys() { }",
+        "let m = metrics; if m.temp > 1 { alert(\"x\") }",
+        "let k = \"temp\"; if metrics[k] > 1 { alert(\"x\") }",
+        "if metrics.len() > 3 { alert(\"x\") }",
+    ] {
+        assert_eq!(keys(all), MetricKeys::All, "{all}");
+    }
+    // The narrowed conversion gives the script what it reads.
+    let m = metrics(json!({"temp": 31.5, "hum": 40, "other": "x"}));
+    let rule = sb
+        .compile(r#"if metrics.temp > 30.0 && metrics.hum == 40 { alert("hot") }"#)
+        .unwrap();
+    let input = Input {
+        device: "d1",
+        ts: 1,
+        now: 1,
+        metrics: &m,
+        prev: None,
+        tick: false,
+    };
+    let mut p = Sandbox::prepare_for(&input, rule.metric_keys());
+    assert_eq!(
+        sb.evaluate_last(&rule, &mut p, &mut Map::new())
+            .unwrap()
+            .len(),
+        1
+    );
+}
