@@ -768,24 +768,26 @@ impl RuleEngine {
         for r in rules {
             keys.union(r.compiled.metric_keys());
         }
-        let mut prepared = {
-            let prev = self.prev.lock();
-            Sandbox::prepare_for(
-                &Input {
-                    device: &record.device,
-                    ts: record.ts,
-                    now: record.ts,
-                    metrics: &record.metrics,
-                    prev: if rules.iter().any(|r| r.compiled.uses_prev()) {
-                        prev.get(&record.device).map(|p| &p.metrics)
-                    } else {
-                        None
-                    },
-                    tick: false,
-                },
-                &keys,
-            )
+        // Copied out of the lock only when a rule reads it.
+        let prev_metrics = if rules.iter().any(|r| r.compiled.uses_prev()) {
+            self.prev
+                .lock()
+                .get(&record.device)
+                .map(|p| p.metrics.clone())
+        } else {
+            None
         };
+        let mut prepared = Sandbox::prepare_for(
+            &Input {
+                device: &record.device,
+                ts: record.ts,
+                now: record.ts,
+                metrics: &record.metrics,
+                prev: prev_metrics.as_ref(),
+                tick: false,
+            },
+            &keys,
+        );
         for (i, r) in rules.iter().enumerate() {
             let last = i + 1 == rules.len();
             self.evaluate_one(r, at, &mut prepared, last, false, out);
@@ -894,7 +896,7 @@ impl RuleEngine {
         &self,
         r: &Loaded,
         at: At<'_>,
-        input: &mut Prepared,
+        input: &mut Prepared<'_>,
         last: bool,
         tick: bool,
         out: &mut Vec<Alert>,

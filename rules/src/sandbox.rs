@@ -366,13 +366,13 @@ impl Sandbox {
 
     /// Converts a record's values for the script once; evaluate any number of rules on it with
     /// [`Sandbox::evaluate_prepared`].
-    pub fn prepare(input: &Input<'_>) -> Prepared {
+    pub fn prepare<'a>(input: &Input<'a>) -> Prepared<'a> {
         Self::prepare_for(input, &MetricKeys::All)
     }
 
     /// Like [`Sandbox::prepare`], converting only the metrics `keys` names (what the rules to
     /// be run on it read, see [`Compiled::metric_keys`]).
-    pub fn prepare_for(input: &Input<'_>, keys: &MetricKeys) -> Prepared {
+    pub fn prepare_for<'a>(input: &Input<'a>, keys: &MetricKeys) -> Prepared<'a> {
         let metrics = match keys {
             MetricKeys::All => map_to_dynamic(input.metrics),
             MetricKeys::Keys(keys) => {
@@ -386,7 +386,8 @@ impl Sandbox {
             }
         };
         Prepared {
-            device: Dynamic::from(ImmutableString::from(input.device)),
+            device_id: input.device,
+            device: std::cell::OnceCell::new(),
             ts: input.ts,
             now: input.now,
             tick: input.tick,
@@ -417,7 +418,7 @@ impl Sandbox {
     pub fn evaluate_prepared(
         &self,
         rule: &Compiled,
-        input: &Prepared,
+        input: &Prepared<'_>,
         state: &mut Map,
     ) -> Result<Vec<Action>, RuleError> {
         self.run(rule, input, None, state)
@@ -431,7 +432,7 @@ impl Sandbox {
     pub fn evaluate_last(
         &self,
         rule: &Compiled,
-        input: &mut Prepared,
+        input: &mut Prepared<'_>,
         state: &mut Map,
     ) -> Result<Vec<Action>, RuleError> {
         let metrics = std::mem::take(&mut input.metrics);
@@ -441,7 +442,7 @@ impl Sandbox {
     fn run(
         &self,
         rule: &Compiled,
-        input: &Prepared,
+        input: &Prepared<'_>,
         metrics: Option<Dynamic>,
         state: &mut Map,
     ) -> Result<Vec<Action>, RuleError> {
@@ -453,7 +454,10 @@ impl Sandbox {
             // Only what the script mentions, in the order of VARIABLES (compiled against).
             let u = rule.uses;
             if u[0] {
-                scope.push_dynamic("device", input.device.clone());
+                let d = input
+                    .device
+                    .get_or_init(|| Dynamic::from(ImmutableString::from(input.device_id)));
+                scope.push_dynamic("device", d.clone());
             }
             if u[1] {
                 scope.push("ts", input.ts);
@@ -468,7 +472,9 @@ impl Sandbox {
             if u[4] {
                 scope.push_constant_dynamic("prev", input.prev.clone());
             }
-            scope.push("state", std::mem::take(state));
+            if u[5] {
+                scope.push("state", std::mem::take(state));
+            }
             if u[6] {
                 scope.push("tick", input.tick);
             }
@@ -480,10 +486,15 @@ impl Sandbox {
             ACTIONS.with(|a| a.borrow_mut().clear());
             let result = self.engine.run_ast_with_scope(&mut scope, &rule.ast);
             DEADLINE.with(|d| d.set(None));
-            let new_state = scope
-                .get_mut("state")
-                .map(std::mem::take)
-                .and_then(Dynamic::try_cast::<Map>);
+            // A script that never mentions `state` leaves it as it was.
+            let new_state = if u[5] {
+                scope
+                    .get_mut("state")
+                    .map(std::mem::take)
+                    .and_then(Dynamic::try_cast::<Map>)
+            } else {
+                Some(std::mem::take(state))
+            };
             scope.rewind(0);
             (result, new_state)
         });
@@ -523,8 +534,10 @@ impl Sandbox {
 
 /// A record's values converted for scripts, shared by every rule evaluated on it.
 #[derive(Debug, Clone)]
-pub struct Prepared {
-    device: Dynamic,
+pub struct Prepared<'a> {
+    device_id: &'a str,
+    /// The device id as a script string, made on first use (most rules never read it).
+    device: std::cell::OnceCell<Dynamic>,
     ts: i64,
     now: i64,
     tick: bool,
