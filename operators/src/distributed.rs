@@ -29,8 +29,6 @@ use iotpipe_pipeline::metrics::Metrics;
 use iotpipe_pipeline::registry::{CacheConfig, CachedRegistry};
 use iotpipe_pipeline::runtime::{Drain, IngestRunConfig, Operator, RunConfig};
 use iotpipe_redis::{RedisDeadLetters, RedisKv, RedisLatest, RedisPageCache};
-use iotpipe_rules::engine::RuleEngine;
-use iotpipe_rules::sandbox::Sandbox;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -353,15 +351,12 @@ pub async fn run(
         None
     };
     if let (true, Some(control)) = (runs_rules, &control) {
-        let engine = Arc::new(
-            RuleEngine::new(
-                Sandbox::new(cfg.rules.limits.clone()),
-                control.registry.clone(),
-                cfg.rules.max_consecutive_failures,
-            )
-            .with_store(control.kv.clone())
-            .with_metrics(metrics.clone())
-            .with_instance(&instance),
+        let engine = crate::rules::new_engine(
+            &cfg.rules,
+            control.registry.clone(),
+            control.kv.clone(),
+            metrics.clone(),
+            &instance,
         );
         // Join the rules topic first, then load what is stored: no change falls in between.
         let c = log
@@ -372,14 +367,7 @@ pub async fn run(
             )
             .await?;
         ops.spawn("rules_feed", c, RulesFeed(engine.clone()), 100);
-        let n = engine
-            .load_stored_rules()
-            .await
-            .map_err(|e| anyhow!("loading rules: {e}"))?;
-        engine
-            .preload()
-            .await
-            .map_err(|e| anyhow!("loading rule state: {e}"))?;
+        let n = crate::rules::load_engine(&engine).await?;
         info!(rules = n, "Rules loaded.");
         if cfg.rules.webhooks.enabled {
             let c = log
@@ -509,6 +497,18 @@ pub async fn run(
             })?;
         let max_packet = (cfg.limits.max_payload_bytes * 4).max(1 << 20);
         let source = MqttSource::connect(&host, port, &cfg.ingest, max_packet)?;
+        // Ready only while the subscription stands (the broker would ack what nobody reads).
+        let sub_ok = Arc::new(AtomicBool::new(false));
+        ready.add("mqtt subscription", sub_ok.clone());
+        let mut sub = source.subscribed();
+        tokio::spawn(async move {
+            loop {
+                sub_ok.store(*sub.borrow_and_update(), Ordering::Release);
+                if sub.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
         let run_cfg = IngestRunConfig {
             max_batch: cfg.ingest.max_batch,
             drain_source: false,

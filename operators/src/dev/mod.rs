@@ -30,9 +30,7 @@ use iotpipe_pipeline::metrics::Metrics;
 use iotpipe_pipeline::registry::{CacheConfig, CachedRegistry, KvRegistry};
 use iotpipe_pipeline::runtime::{IngestRunConfig, RunConfig};
 use iotpipe_pipeline::store::StoreError;
-use iotpipe_rules::engine::RuleEngine;
 use iotpipe_rules::files::RuleDir;
-use iotpipe_rules::sandbox::Sandbox;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -225,24 +223,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         fatal.clone(),
     )];
     if cfg.rules.enabled || cfg.rules.dir.is_some() {
-        let engine = Arc::new(
-            RuleEngine::new(
-                Sandbox::new(cfg.rules.limits.clone()),
-                registry.clone(),
-                cfg.rules.max_consecutive_failures,
-            )
-            .with_store(control_kv.clone())
-            .with_metrics(metrics.clone())
-            .with_instance("dev"),
+        let engine = crate::rules::new_engine(
+            &cfg.rules,
+            registry.clone(),
+            control_kv.clone(),
+            metrics.clone(),
+            "dev",
         );
-        engine
-            .load_stored_rules()
-            .await
-            .map_err(|e| anyhow!("loading rules: {e}"))?;
-        engine
-            .preload()
-            .await
-            .map_err(|e| anyhow!("loading rule state: {e}"))?;
+        crate::rules::load_engine(&engine).await?;
         if let Some(dir) = &cfg.rules.dir {
             let cooldown = i64::try_from(cfg.rules.cooldown.as_millis()).unwrap_or(i64::MAX);
             let mut files = RuleDir::new(dir, &cfg.rules.dev_owner, cooldown);
@@ -377,6 +365,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         max_packet,
     )?
     .with_stop_hook(Arc::new(move || intake_hook.cancel()));
+    let mut subscribed = source.subscribed();
     let ingest_cfg = IngestRunConfig {
         max_batch: cfg.ingest.max_batch,
         drain_idle: cfg.ingest.drain_idle,
@@ -392,6 +381,12 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         metrics.clone(),
         fatal.clone(),
     );
+    // Devices come in only once ingest's subscription stands: the broker acknowledges a QoS 1
+    // publish even when nobody subscribes, and such a message would be lost.
+    tokio::time::timeout(Duration::from_secs(10), subscribed.wait_for(|s| *s))
+        .await
+        .map_err(|_| anyhow!("ingest did not subscribe to the embedded broker within 10 s"))?
+        .map_err(|_| anyhow!("ingest stopped before subscribing"))?;
     broker::spawn_proxy(mqtt_listener, broker_addr, intake.clone());
 
     let sim_task = (cfg.dev.simulate > 0).then(|| {

@@ -39,6 +39,7 @@ pub struct MqttSource {
     template: TopicTemplate,
     stop_hook: Option<StopHook>,
     task: JoinHandle<()>,
+    subscribed: tokio::sync::watch::Receiver<bool>,
 }
 
 impl MqttSource {
@@ -61,7 +62,8 @@ impl MqttSource {
         let (client, eventloop) = AsyncClient::new(opts, 10_000);
         let (tx, rx) = mpsc::unbounded_channel();
         let filter = template.subscription_filter();
-        let task = tokio::spawn(drive(eventloop, client.clone(), filter, tx));
+        let (sub_tx, subscribed) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(drive(eventloop, client.clone(), filter, tx, sub_tx));
         Ok(Self {
             client,
             rx,
@@ -69,7 +71,15 @@ impl MqttSource {
             template,
             stop_hook: None,
             task,
+            subscribed,
         })
+    }
+
+    /// True once the broker acknowledged the subscription (false again while disconnected). A
+    /// broker acknowledges a device's QoS 1 publish even when nobody subscribes, so devices must
+    /// not be let in before this: `iotpipe dev` opens its public port only then.
+    pub fn subscribed(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.subscribed.clone()
     }
 
     /// Sets what [`Source::stop_intake`] does.
@@ -114,6 +124,7 @@ async fn drive(
     client: AsyncClient,
     filter: String,
     tx: mpsc::UnboundedSender<Publish>,
+    subscribed: tokio::sync::watch::Sender<bool>,
 ) {
     let mut failures: u32 = 0;
     loop {
@@ -133,6 +144,9 @@ async fn drive(
                     warn!(error = %e, "Subscribe request failed.");
                 }
             }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                subscribed.send_replace(true);
+            }
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
                 debug!("Ingest disconnected.");
                 return;
@@ -140,6 +154,7 @@ async fn drive(
             Ok(_) => {}
             Err(rumqttc::ConnectionError::RequestsDone) => return,
             Err(e) => {
+                subscribed.send_replace(false);
                 if tx.is_closed() {
                     return;
                 }

@@ -60,6 +60,43 @@ impl Default for RulesConfig {
     }
 }
 
+/// A rule engine for this process: registry owners, state in `store`, per-rule metrics.
+pub fn new_engine(
+    cfg: &RulesConfig,
+    owners: Arc<dyn iotpipe_rules::engine::DeviceOwners>,
+    store: Arc<dyn iotpipe_pipeline::kv::KeyValue>,
+    metrics: Arc<Metrics>,
+    instance: &str,
+) -> Arc<iotpipe_rules::engine::RuleEngine> {
+    Arc::new(
+        iotpipe_rules::engine::RuleEngine::new(
+            iotpipe_rules::sandbox::Sandbox::new(cfg.limits.clone()),
+            owners,
+            cfg.max_consecutive_failures,
+        )
+        .with_store(store)
+        .with_metrics(metrics)
+        .with_instance(instance),
+    )
+}
+
+/// Loads the stored rules and rule state into `engine` (at start-up, after joining the rules
+/// topic); returns how many rules compiled.
+///
+/// # Errors
+/// When the store cannot be read.
+pub async fn load_engine(engine: &iotpipe_rules::engine::RuleEngine) -> anyhow::Result<usize> {
+    let n = engine
+        .load_stored_rules()
+        .await
+        .map_err(|e| anyhow::anyhow!("loading rules: {e}"))?;
+    engine
+        .preload()
+        .await
+        .map_err(|e| anyhow::anyhow!("loading rule state: {e}"))?;
+    Ok(n)
+}
+
 /// The rules operator.
 pub struct Rules {
     evaluator: Arc<dyn Evaluator>,

@@ -98,7 +98,7 @@ impl Default for DynamoConfig {
 /// Name of the by-owner index created by [`DynamoHistory::init_table`].
 pub const OWNER_INDEX: &str = "by_owner_day";
 
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
+pub(crate) fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
@@ -112,6 +112,62 @@ async fn client(cfg: &DynamoConfig) -> Client {
         loader = loader.endpoint_url(endpoint);
     }
     Client::new(&loader.load().await)
+}
+
+fn attr(name: &str, t: ScalarAttributeType) -> Result<AttributeDefinition, StoreError> {
+    AttributeDefinition::builder()
+        .attribute_name(name)
+        .attribute_type(t)
+        .build()
+        .map_err(unavailable)
+}
+
+fn key(name: &str, t: KeyType) -> Result<KeySchemaElement, StoreError> {
+    KeySchemaElement::builder()
+        .attribute_name(name)
+        .key_type(t)
+        .build()
+        .map_err(unavailable)
+}
+
+/// An index on `hash` and `range` projecting every attribute.
+fn index(name: &str, hash: &str, range: &str) -> Result<GlobalSecondaryIndex, StoreError> {
+    GlobalSecondaryIndex::builder()
+        .index_name(name)
+        .key_schema(key(hash, KeyType::Hash)?)
+        .key_schema(key(range, KeyType::Range)?)
+        .projection(
+            Projection::builder()
+                .projection_type(ProjectionType::All)
+                .build(),
+        )
+        .build()
+        .map_err(unavailable)
+}
+
+/// Waits up to 60 s for `table` to become active.
+async fn wait_active(client: &Client, table: &str) -> Result<(), StoreError> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let d = client
+            .describe_table()
+            .table_name(table)
+            .send()
+            .await
+            .map_err(|e| unavailable(DisplayErrorContext(&e)))?;
+        if d.table()
+            .and_then(|t| t.table_status())
+            .is_some_and(|s| s.as_str() == "ACTIVE")
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(StoreError::Unavailable(format!(
+                "table {table} did not become active in 60 s"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// The DynamoDB history store.
@@ -136,31 +192,7 @@ impl DynamoHistory {
     /// # Errors
     /// [`StoreError::Unavailable`] when DynamoDB refuses.
     pub async fn init_table(&self) -> Result<(), StoreError> {
-        let attr = |n: &str, t: ScalarAttributeType| {
-            AttributeDefinition::builder()
-                .attribute_name(n)
-                .attribute_type(t)
-                .build()
-                .map_err(unavailable)
-        };
-        let key = |n: &str, t: KeyType| {
-            KeySchemaElement::builder()
-                .attribute_name(n)
-                .key_type(t)
-                .build()
-                .map_err(unavailable)
-        };
-        let gsi = GlobalSecondaryIndex::builder()
-            .index_name(OWNER_INDEX)
-            .key_schema(key("gsi1pk", KeyType::Hash)?)
-            .key_schema(key("ts", KeyType::Range)?)
-            .projection(
-                Projection::builder()
-                    .projection_type(ProjectionType::All)
-                    .build(),
-            )
-            .build()
-            .map_err(unavailable)?;
+        let gsi = index(OWNER_INDEX, "gsi1pk", "ts")?;
         let created = self
             .client
             .create_table()
@@ -189,28 +221,7 @@ impl DynamoHistory {
             }
         }
         // Wait until it is active, then make sure TTL is on.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let d = self
-                .client
-                .describe_table()
-                .table_name(&self.cfg.table)
-                .send()
-                .await
-                .map_err(|e| unavailable(DisplayErrorContext(&e)))?;
-            if d.table()
-                .and_then(|t| t.table_status())
-                .is_some_and(|s| s.as_str() == "ACTIVE")
-            {
-                break;
-            }
-            if Instant::now() > deadline {
-                return Err(StoreError::Unavailable(
-                    "table did not become active in 60 s".into(),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        wait_active(&self.client, &self.cfg.table).await?;
         let ttl = self
             .client
             .update_time_to_live()

@@ -2,13 +2,11 @@
 //! key, and a `by_owner` index (`owner`, `device`) so "all devices of a user" is one query.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata};
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, GlobalSecondaryIndex, KeySchemaElement,
-    KeyType, Projection, ProjectionType, ReturnValue, ScalarAttributeType,
+    AttributeValue, BillingMode, KeyType, ReturnValue, ScalarAttributeType,
 };
 use aws_sdk_dynamodb::Client;
 use iotpipe_pipeline::registry::{DeviceEntry, RegistryStore};
@@ -75,39 +73,15 @@ impl DynamoRegistry {
     /// # Errors
     /// [`StoreError::Unavailable`] when DynamoDB refuses.
     pub async fn init_table(&self) -> Result<(), StoreError> {
-        let attr = |n: &str| {
-            AttributeDefinition::builder()
-                .attribute_name(n)
-                .attribute_type(ScalarAttributeType::S)
-                .build()
-                .map_err(unavailable)
-        };
-        let key = |n: &str, t: KeyType| {
-            KeySchemaElement::builder()
-                .attribute_name(n)
-                .key_type(t)
-                .build()
-                .map_err(unavailable)
-        };
-        let gsi = GlobalSecondaryIndex::builder()
-            .index_name(BY_OWNER)
-            .key_schema(key("owner", KeyType::Hash)?)
-            .key_schema(key("device", KeyType::Range)?)
-            .projection(
-                Projection::builder()
-                    .projection_type(ProjectionType::All)
-                    .build(),
-            )
-            .build()
-            .map_err(unavailable)?;
+        let gsi = crate::index(BY_OWNER, "owner", "device")?;
         let created = self
             .client
             .create_table()
             .table_name(&self.table)
             .billing_mode(BillingMode::PayPerRequest)
-            .attribute_definitions(attr("device")?)
-            .attribute_definitions(attr("owner")?)
-            .key_schema(key("device", KeyType::Hash)?)
+            .attribute_definitions(crate::attr("device", ScalarAttributeType::S)?)
+            .attribute_definitions(crate::attr("owner", ScalarAttributeType::S)?)
+            .key_schema(crate::key("device", KeyType::Hash)?)
             .global_secondary_indexes(gsi)
             .send()
             .await;
@@ -122,28 +96,7 @@ impl DynamoRegistry {
                 )))
             }
         }
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let d = self
-                .client
-                .describe_table()
-                .table_name(&self.table)
-                .send()
-                .await
-                .map_err(|e| unavailable(DisplayErrorContext(&e)))?;
-            if d.table()
-                .and_then(|t| t.table_status())
-                .is_some_and(|s| s.as_str() == "ACTIVE")
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(StoreError::Unavailable(
-                    "registry table did not become active in 60 s".into(),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        crate::wait_active(&self.client, &self.table).await
     }
 }
 
