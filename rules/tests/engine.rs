@@ -449,3 +449,39 @@ async fn evaluates_on_a_multi_threaded_runtime_with_a_store() {
         .unwrap();
     assert_eq!(kinds(&got), vec![("ha".into(), AlertKind::Raised)]);
 }
+
+#[tokio::test]
+async fn failures_alerts_and_disabling_are_counted_per_rule() {
+    let metrics = Arc::new(iotpipe_pipeline::metrics::Metrics::new());
+    let e = engine(&[("d1", "alice")]).with_metrics(metrics.clone());
+    e.upsert(rule("bad", "alice", Selector::All, "loop { }", 0))
+        .unwrap();
+    e.upsert(rule("good", "alice", Selector::All, HOT, 0))
+        .unwrap();
+    for i in 0..3 {
+        e.evaluate_record(&rec("d1", T0 + i, json!({"t": 35})))
+            .await;
+    }
+    let get = |name: &str, labels: &[&str]| -> f64 {
+        match name {
+            "eval" => metrics.rule_evaluations.with_label_values(labels).get() as f64,
+            "fail" => metrics.rule_failures.with_label_values(labels).get() as f64,
+            "alert" => metrics.rule_alerts.with_label_values(labels).get() as f64,
+            _ => metrics.rule_disabled.with_label_values(labels).get() as f64,
+        }
+    };
+    assert_eq!(get("eval", &["good"]), 3.0);
+    assert_eq!(get("eval", &["bad"]), 3.0);
+    assert_eq!(
+        get("fail", &["bad", "too_many_operations"]) + get("fail", &["bad", "deadline"]),
+        3.0
+    );
+    assert_eq!(get("fail", &["good", "deadline"]), 0.0);
+    assert_eq!(get("alert", &["good", "raised"]), 1.0);
+    assert_eq!(get("alert", &["bad", "rule_disabled"]), 1.0);
+    assert_eq!(get("disabled", &["bad"]), 1.0);
+    assert_eq!(metrics.rules_loaded.get(), 2);
+    assert!(metrics
+        .render()
+        .contains("iotpipe_rule_failures_total{kind="));
+}
