@@ -126,7 +126,9 @@ pub trait Log: Send + Sync + 'static {
     ///
     /// # Errors
     /// [`LogError`] when the topic is unknown or the backend unreachable.
-    async fn subscribe(&self, topic: &str, group: &str) -> Result<Box<dyn Consumer>, LogError>;
+    async fn subscribe(&self, topic: &str, group: &str) -> Result<Box<dyn Consumer>, LogError> {
+        self.subscribe_at(topic, group, StartAt::Earliest).await
+    }
 
     /// Like [`Log::subscribe`], but a group without committed offsets starts at `start` instead
     /// of the earliest record. Fanout instances use [`StartAt::Latest`]: each has its own group,
@@ -139,10 +141,7 @@ pub trait Log: Send + Sync + 'static {
         topic: &str,
         group: &str,
         start: StartAt,
-    ) -> Result<Box<dyn Consumer>, LogError> {
-        let _ = start;
-        self.subscribe(topic, group).await
-    }
+    ) -> Result<Box<dyn Consumer>, LogError>;
 }
 
 /// Where a new consumer group starts reading.

@@ -145,6 +145,20 @@ pub struct HistoryPage {
     pub next_cursor: Option<String>,
 }
 
+impl HistoryPage {
+    /// A page from up to `limit + 1` rows read in order: the extra row only says that there is
+    /// a next page, whose cursor is the last row kept.
+    pub fn from_overfetched(mut items: Vec<HistoryItem>, limit: usize) -> Self {
+        let next_cursor = if items.len() > limit {
+            items.truncate(limit);
+            items.last().map(format_cursor)
+        } else {
+            None
+        };
+        Self { items, next_cursor }
+    }
+}
+
 /// Every record, by device and time.
 #[async_trait]
 pub trait HistoryStore: Send + Sync + 'static {

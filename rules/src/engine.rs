@@ -21,12 +21,13 @@
 //! - **Timers** run, for each (rule, device), on the worker that last evaluated a record of that
 //!   device (stamped in the stored state), so a partition moved in a rebalance is not timed twice.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
+use iotpipe_pipeline::change::{self, LatestState};
 use iotpipe_pipeline::kv::{KeyValue, KvWrite};
 use iotpipe_pipeline::metrics::Metrics;
 use iotpipe_pipeline::record::{Record, RecordId};
@@ -259,15 +260,14 @@ struct Loaded {
     compiled: Compiled,
     failures: AtomicU32,
     disabled: AtomicBool,
-    /// Whether the script mentions `tick`: only such rules run on the timer, so a plain
-    /// threshold rule (`if t > 30 { alert(..) } else { clear() }`) is never cleared by a tick.
-    uses_tick: bool,
     /// Its evaluation counter, looked up once (not per evaluation).
     evaluations: Option<prometheus::IntCounter>,
 }
 
-fn mentions_tick(script: &str) -> bool {
-    crate::sandbox::mentions(script, "tick")
+/// Only rules that mention `tick` run on the timer, so a plain threshold rule
+/// (`if t > 30 { alert(..) } else { clear() }`) is never cleared by a tick.
+fn runs_on_timer(r: &Loaded) -> bool {
+    r.compiled.uses_tick()
 }
 
 impl Loaded {
@@ -389,10 +389,26 @@ pub async fn stored_rules(kv: &dyn KeyValue) -> Result<Vec<Rule>, String> {
         .collect())
 }
 
-#[derive(Default, Clone)]
-struct Prev {
-    ts: i64,
-    metrics: serde_json::Map<String, serde_json::Value>,
+/// What one batch runs on one device: its rules, the metrics they read, whether they read `prev`.
+struct DevicePlan {
+    rules: Vec<Arc<Loaded>>,
+    keys: MetricKeys,
+    uses_prev: bool,
+}
+
+impl DevicePlan {
+    fn new(rules: Vec<Arc<Loaded>>) -> Self {
+        let mut keys = MetricKeys::Keys(Vec::new());
+        for r in &rules {
+            keys.union(r.compiled.metric_keys());
+        }
+        let uses_prev = rules.iter().any(|r| r.compiled.uses_prev());
+        Self {
+            rules,
+            keys,
+            uses_prev,
+        }
+    }
 }
 
 /// Failures of rules, for metrics and logs.
@@ -414,7 +430,9 @@ pub struct RuleEngine {
     removed: Mutex<HashMap<String, i64>>,
     forgotten: Mutex<Vec<String>>,
     states: Mutex<HashMap<Key, DeviceRuleState>>,
-    prev: Mutex<HashMap<String, Prev>>,
+    /// The device's latest state as the materializer computes it ([`change::merge`]), kept for
+    /// devices whose rules read `prev`.
+    prev: Mutex<HashMap<String, LatestState>>,
     max_consecutive_failures: u32,
     failures: Mutex<Vec<Failure>>,
     store: Option<Arc<dyn KeyValue>>,
@@ -587,7 +605,6 @@ impl RuleEngine {
         }
         let compiled = self.sandbox.compile(&rule.script)?;
         let loaded = Arc::new(Loaded {
-            uses_tick: mentions_tick(&rule.script),
             evaluations: self
                 .metrics
                 .as_ref()
@@ -737,11 +754,7 @@ impl RuleEngine {
         for (device, v) in devices.iter().zip(prev_vals) {
             let p = v
                 .as_deref()
-                .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
-                .map(|v| Prev {
-                    ts: v["ts"].as_i64().unwrap_or(i64::MIN),
-                    metrics: v["m"].as_object().cloned().unwrap_or_default(),
-                });
+                .and_then(|b| serde_json::from_slice::<LatestState>(b).ok());
             match p {
                 Some(p) => {
                     prev.insert(device.clone(), p);
@@ -754,7 +767,7 @@ impl RuleEngine {
         Ok(())
     }
 
-    fn evaluate_rules(&self, record: &Record, rules: &[Arc<Loaded>], out: &mut Vec<Alert>) {
+    fn evaluate_rules(&self, record: &Record, plan: &DevicePlan, out: &mut Vec<Alert>) {
         if record.ts > self.watermark.fetch_max(record.ts, Ordering::Relaxed) {
             self.watermark_seen_at
                 .store(iotpipe_pipeline::time::now_ms(), Ordering::Relaxed);
@@ -764,16 +777,12 @@ impl RuleEngine {
             ts: record.ts,
             record_id: &record.id,
         };
-        let mut keys = MetricKeys::Keys(Vec::new());
-        for r in rules {
-            keys.union(r.compiled.metric_keys());
-        }
         // Copied out of the lock only when a rule reads it.
-        let prev_metrics = if rules.iter().any(|r| r.compiled.uses_prev()) {
+        let prev_metrics = if plan.uses_prev {
             self.prev
                 .lock()
                 .get(&record.device)
-                .map(|p| p.metrics.clone())
+                .map(LatestState::values)
         } else {
             None
         };
@@ -786,23 +795,20 @@ impl RuleEngine {
                 prev: prev_metrics.as_ref(),
                 tick: false,
             },
-            &keys,
+            &plan.keys,
         );
-        for (i, r) in rules.iter().enumerate() {
-            let last = i + 1 == rules.len();
+        for (i, r) in plan.rules.iter().enumerate() {
+            let last = i + 1 == plan.rules.len();
             self.evaluate_one(r, at, &mut prepared, last, false, out);
         }
-        let mut all = self.prev.lock();
-        let p = all.entry(record.device.clone()).or_insert_with(|| Prev {
-            ts: i64::MIN,
-            metrics: serde_json::Map::new(),
-        });
-        if record.ts >= p.ts {
-            p.ts = record.ts;
-            for (k, v) in &record.metrics {
-                p.metrics.insert(k.clone(), v.clone());
+        if plan.uses_prev {
+            let mut all = self.prev.lock();
+            let state = all
+                .entry(record.device.clone())
+                .or_insert_with(|| LatestState::new(&record.device));
+            if change::merge(state, record).change().is_some() {
+                self.dirty_prev.lock().insert(record.device.clone());
             }
-            self.dirty_prev.lock().insert(record.device.clone());
         }
     }
 
@@ -818,7 +824,7 @@ impl RuleEngine {
             .rules
             .read()
             .iter()
-            .filter(|r| r.uses_tick)
+            .filter(|r| runs_on_timer(r))
             .map(|r| r.rule.id.clone())
             .collect();
         let keys: Vec<Key> = self
@@ -840,7 +846,10 @@ impl RuleEngine {
         let mut owners: HashMap<String, Option<String>> = HashMap::new();
         let mut plan = Vec::new();
         for (rule_id, device) in keys {
-            let Some(r) = rules.iter().find(|r| r.rule.id == rule_id && r.uses_tick) else {
+            let Some(r) = rules
+                .iter()
+                .find(|r| r.rule.id == rule_id && runs_on_timer(r))
+            else {
                 continue;
             };
             if !self
@@ -1065,39 +1074,38 @@ impl Evaluator for RuleEngine {
                 owners.insert(&r.device, self.owners.owner_of(&r.device).await?);
             }
         }
+        // One plan per device, shared by its records.
         let rules: Vec<Arc<Loaded>> = self.rules.read().clone();
-        let plan: Vec<Vec<Arc<Loaded>>> = records
+        let plans: HashMap<&str, DevicePlan> = owners
             .iter()
-            .map(|rec| {
-                let owner = owners.get(rec.device.as_str()).cloned().flatten();
-                rules
+            .map(|(device, owner)| {
+                let mine = rules
                     .iter()
-                    .filter(|r| r.runs_for(owner.as_deref(), &rec.device))
+                    .filter(|r| r.runs_for(owner.as_deref(), device))
                     .cloned()
-                    .collect()
+                    .collect();
+                (*device, DevicePlan::new(mine))
             })
+            .filter(|(_, p)| !p.rules.is_empty())
             .collect();
-        if self.store.is_some() {
-            let mut keys: BTreeSet<Key> = BTreeSet::new();
-            let mut devices: BTreeSet<String> = BTreeSet::new();
-            for (rec, rules) in records.iter().zip(&plan) {
-                if rules.is_empty() {
-                    continue;
+        if self.store.is_some() && !plans.is_empty() {
+            let mut keys: Vec<Key> = Vec::new();
+            let mut devices: Vec<String> = Vec::new();
+            for (device, plan) in &plans {
+                if plan.uses_prev {
+                    devices.push((*device).to_owned());
                 }
-                devices.insert(rec.device.clone());
-                for r in rules {
-                    keys.insert((r.rule.id.clone(), rec.device.clone()));
+                for r in &plan.rules {
+                    keys.push((r.rule.id.clone(), (*device).to_owned()));
                 }
             }
-            let keys: Vec<Key> = keys.into_iter().collect();
-            let devices: Vec<String> = devices.into_iter().collect();
             self.reload(&keys, &devices).await?;
         }
         let out = blocking_section(|| {
             let mut out = Vec::new();
-            for (rec, rules) in records.iter().zip(&plan) {
-                if !rules.is_empty() {
-                    self.evaluate_rules(rec, rules, &mut out);
+            for rec in records {
+                if let Some(plan) = plans.get(rec.device.as_str()) {
+                    self.evaluate_rules(rec, plan, &mut out);
                 }
             }
             out
@@ -1163,8 +1171,10 @@ impl Evaluator for RuleEngine {
             let prev = self.prev.lock();
             for d in &dirty_prev {
                 if let Some(p) = prev.get(d) {
-                    let v = serde_json::json!({"ts": p.ts, "m": p.metrics});
-                    writes.push(KvWrite::Put(prev_key(d), v.to_string().into_bytes()));
+                    writes.push(KvWrite::Put(
+                        prev_key(d),
+                        serde_json::to_vec(p).unwrap_or_default(),
+                    ));
                 }
             }
         }
@@ -1192,6 +1202,7 @@ mod tests {
 
     #[test]
     fn timer_rules_are_those_that_mention_tick() {
+        let mentions_tick = |s: &str| crate::sandbox::mentions(s, "tick");
         assert!(mentions_tick("if tick { alert(\"x\") }"));
         assert!(mentions_tick("let a = !tick;"));
         assert!(!mentions_tick("state.ticks += 1; let stick = 1;"));

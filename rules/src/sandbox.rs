@@ -157,6 +157,11 @@ impl Compiled {
         self.uses[4]
     }
 
+    /// Whether the script mentions `tick` (a timer rule).
+    pub fn uses_tick(&self) -> bool {
+        self.uses[6]
+    }
+
     /// Which metrics the script reads.
     pub fn metric_keys(&self) -> &MetricKeys {
         &self.metric_keys

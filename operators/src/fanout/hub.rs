@@ -79,6 +79,22 @@ struct Inner {
     wildcard: HashSet<u64>,
 }
 
+impl Inner {
+    /// The connections watching `device`: by name, then by `*`, each once.
+    fn watchers<'a>(&'a self, device: &str) -> impl Iterator<Item = &'a Arc<ConnHandle>> + 'a {
+        let direct = self.by_device.get(device);
+        direct
+            .into_iter()
+            .flatten()
+            .chain(
+                self.wildcard
+                    .iter()
+                    .filter(move |id| direct.is_none_or(|d| !d.contains(id))),
+            )
+            .filter_map(|id| self.conns.get(id))
+    }
+}
+
 /// The registry of connections and subscriptions.
 pub struct Hub {
     inner: RwLock<Inner>,
@@ -193,17 +209,7 @@ impl Hub {
             )),
         });
         let inner = self.inner.read();
-        let direct = inner.by_device.get(change.device.as_str());
-        let targets = direct.into_iter().flatten().chain(
-            inner
-                .wildcard
-                .iter()
-                .filter(|id| direct.is_none_or(|d| !d.contains(id))),
-        );
-        for id in targets {
-            let Some(conn) = inner.conns.get(id) else {
-                continue;
-            };
+        for conn in inner.watchers(change.device.as_str()) {
             let mut pending = conn.pending.lock();
             if let Some(p) = pending.get_mut(change.device.as_str()) {
                 merge_pending(p, change);
@@ -234,17 +240,8 @@ impl Hub {
     /// Pushes an alert frame to every connection watching `device`.
     pub fn publish_alert(&self, device: &str, frame: &Utf8Bytes) {
         let inner = self.inner.read();
-        let direct = inner.by_device.get(device);
-        let targets = direct.into_iter().flatten().chain(
-            inner
-                .wildcard
-                .iter()
-                .filter(|id| direct.is_none_or(|d| !d.contains(id))),
-        );
-        for id in targets {
-            if let Some(conn) = inner.conns.get(id) {
-                let _ = conn.alerts.send(frame.clone());
-            }
+        for conn in inner.watchers(device) {
+            let _ = conn.alerts.send(frame.clone());
         }
     }
 }

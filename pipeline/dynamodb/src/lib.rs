@@ -36,8 +36,7 @@ use futures_util::stream::{self, StreamExt, TryStreamExt};
 use iotpipe_pipeline::record::{Record, RecordId};
 use iotpipe_pipeline::runtime::Backoff;
 use iotpipe_pipeline::store::{
-    format_cursor, parse_cursor, HistoryItem, HistoryPage, HistoryQuery, HistoryStore, Order,
-    StoreError,
+    parse_cursor, HistoryItem, HistoryPage, HistoryQuery, HistoryStore, Order, StoreError,
 };
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -508,12 +507,6 @@ impl HistoryStore for DynamoHistory {
                 break;
             }
         }
-        let next_cursor = if items.len() > limit {
-            items.truncate(limit);
-            items.last().map(format_cursor)
-        } else {
-            None
-        };
-        Ok(HistoryPage { items, next_cursor })
+        Ok(HistoryPage::from_overfetched(items, limit))
     }
 }

@@ -322,10 +322,6 @@ impl Log for KafkaLog {
         Ok(())
     }
 
-    async fn subscribe(&self, topic: &str, group: &str) -> Result<Box<dyn Consumer>, LogError> {
-        self.subscribe_at(topic, group, StartAt::Earliest).await
-    }
-
     async fn subscribe_at(
         &self,
         topic: &str,

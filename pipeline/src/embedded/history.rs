@@ -11,8 +11,7 @@ use redb::{Database, TableDefinition};
 use super::{blocking, unavailable};
 use crate::record::{Record, RecordId};
 use crate::store::{
-    format_cursor, parse_cursor, HistoryItem, HistoryPage, HistoryQuery, HistoryStore, Order,
-    StoreError,
+    parse_cursor, HistoryItem, HistoryPage, HistoryQuery, HistoryStore, Order, StoreError,
 };
 
 const TABLE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("history");
@@ -140,13 +139,7 @@ impl HistoryStore for RedbHistory {
                     }
                 }
             }
-            let next_cursor = if items.len() > limit {
-                items.truncate(limit);
-                items.last().map(format_cursor)
-            } else {
-                None
-            };
-            Ok(HistoryPage { items, next_cursor })
+            Ok(HistoryPage::from_overfetched(items, limit))
         })
         .await
     }

@@ -151,10 +151,6 @@ impl Log for MemLog {
         Ok(())
     }
 
-    async fn subscribe(&self, topic: &str, group: &str) -> Result<Box<dyn Consumer>, LogError> {
-        self.subscribe_at(topic, group, StartAt::Earliest).await
-    }
-
     async fn subscribe_at(
         &self,
         topic: &str,
