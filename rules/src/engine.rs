@@ -974,13 +974,8 @@ impl RuleEngine {
         }
         if let Some(m) = &self.metrics {
             for a in &out[before..] {
-                let kind = match a.kind {
-                    AlertKind::Raised => "raised",
-                    AlertKind::Cleared => "cleared",
-                    AlertKind::RuleDisabled => "rule_disabled",
-                };
                 m.rule_alerts
-                    .with_label_values(&[r.rule.id.as_str(), kind])
+                    .with_label_values(&[r.rule.id.as_str(), a.kind.as_str()])
                     .inc();
             }
         }

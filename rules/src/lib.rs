@@ -55,6 +55,17 @@ pub enum AlertKind {
     RuleDisabled,
 }
 
+impl AlertKind {
+    /// The name used on the wire and in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Raised => "raised",
+            Self::Cleared => "cleared",
+            Self::RuleDisabled => "rule_disabled",
+        }
+    }
+}
+
 /// Evaluates rules on records.
 #[async_trait]
 pub trait Evaluator: Send + Sync + 'static {

@@ -214,10 +214,7 @@ impl Operator for Webhooks {
                 "{}:{}:{}:{}",
                 alert.rule,
                 alert.device,
-                serde_json::to_value(alert.kind)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default(),
+                alert.kind.as_str(),
                 alert.ts
             );
             let body = Bytes::from(body.to_string());
