@@ -18,6 +18,7 @@
 //! - [`metrics`]: every Prometheus metric, registered once.
 //! - [`health`]: readiness checks behind `/readyz`.
 //! - [`kv`]: a small durable key-value interface for control data (rules, rule state, alarms).
+//! - [`ratelimit`]: per-key GCRA rate limits (in process; the Redis one is in `iotpipe-redis`).
 //! - [`registry`]: the device registry (device -> owner, groups) and its cache.
 //! - [`embedded`]: in-process log and redb-backed stores.
 //! - [`error`]: the error classification shared by all of the above.
@@ -30,6 +31,7 @@ pub mod health;
 pub mod kv;
 pub mod log;
 pub mod metrics;
+pub mod ratelimit;
 pub mod record;
 pub mod registry;
 pub mod runtime;

@@ -23,6 +23,7 @@ use async_trait::async_trait;
 use iotpipe_pipeline::change::{Change, FieldState, LatestState, MergeOutcome};
 use iotpipe_pipeline::dead_letter::DeadLetter;
 use iotpipe_pipeline::kv::{KeyValue, KvWrite};
+use iotpipe_pipeline::ratelimit::{Decision, Quota, RateLimiter};
 use iotpipe_pipeline::record::{Record, RecordId};
 use iotpipe_pipeline::store::{DeadLetterStore, DeviceSummary, LatestStore, PageCache, StoreError};
 use redis::aio::ConnectionManager;
@@ -566,5 +567,66 @@ impl KeyValue for RedisKv {
         }
         let mut conn = self.conn.clone();
         pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
+    }
+}
+
+/// GCRA in Redis: one key per limited subject (`{prefix}rl:<key>`) holding its theoretical
+/// arrival time in microseconds of Redis's own clock (`TIME`), so fanout instances with skewed
+/// clocks still share one budget. Keys expire once the budget is full again.
+const GCRA_LUA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local emission = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + emission
+local allow_at = new_tat - tolerance
+if allow_at > now then return allow_at - now end
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.floor((new_tat - now) / 1000) + 1)
+return 0
+";
+
+/// Rate limits shared by every fanout instance, kept in Redis.
+#[derive(Clone)]
+pub struct RedisLimiter {
+    conn: ConnectionManager,
+    prefix: String,
+    script: Script,
+}
+
+impl RedisLimiter {
+    /// Connects.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when Redis cannot be reached.
+    pub async fn connect(cfg: &RedisConfig) -> Result<Self, StoreError> {
+        Ok(Self {
+            conn: connect(cfg).await?,
+            prefix: format!("{}rl:", cfg.key_prefix),
+            script: Script::new(GCRA_LUA),
+        })
+    }
+}
+
+#[async_trait]
+impl RateLimiter for RedisLimiter {
+    async fn check(&self, key: &str, quota: &Quota) -> Result<Decision, StoreError> {
+        let mut conn = self.conn.clone();
+        let wait_us: u64 = self
+            .script
+            .key(format!("{}{key}", self.prefix))
+            .arg(quota.emission_us())
+            .arg(quota.tolerance_us())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(if wait_us == 0 {
+            Decision::Allow
+        } else {
+            Decision::Deny {
+                retry_after: std::time::Duration::from_micros(wait_us),
+            }
+        })
     }
 }

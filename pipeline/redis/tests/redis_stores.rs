@@ -239,3 +239,39 @@ async fn kv_namespaces_batches_and_prefix_scans() {
     );
     assert_eq!(kv.scan_prefix("alarm/").await.unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn limiter_shares_one_budget_between_instances() {
+    use iotpipe_pipeline::ratelimit::{Decision, Quota, RateLimiter};
+    use iotpipe_redis::RedisLimiter;
+    let cfg = config();
+    // Two fanout instances: two connections, one budget.
+    let a = RedisLimiter::connect(&cfg).await.unwrap();
+    let b = RedisLimiter::connect(&cfg).await.unwrap();
+    let q = Quota::per_minute(60, 4);
+    let mut allowed = 0;
+    for i in 0..10 {
+        let l = if i % 2 == 0 { &a } else { &b };
+        if l.check("rest:alice", &q).await.unwrap() == Decision::Allow {
+            allowed += 1;
+        }
+    }
+    assert_eq!(allowed, 4, "the burst is shared, not per instance");
+    match a.check("rest:alice", &q).await.unwrap() {
+        Decision::Deny { retry_after } => assert!(
+            retry_after > std::time::Duration::from_millis(500)
+                && retry_after <= std::time::Duration::from_secs(1),
+            "{retry_after:?}"
+        ),
+        Decision::Allow => panic!("over the limit"),
+    }
+    // Another user has their own budget.
+    assert_eq!(b.check("rest:bob", &q).await.unwrap(), Decision::Allow);
+    // At 60/min one more is allowed a second later.
+    tokio::time::sleep(std::time::Duration::from_millis(1050)).await;
+    assert_eq!(a.check("rest:alice", &q).await.unwrap(), Decision::Allow);
+    assert!(matches!(
+        b.check("rest:alice", &q).await.unwrap(),
+        Decision::Deny { .. }
+    ));
+}
