@@ -219,6 +219,7 @@ impl Config {
                 errors.push(format!("{name} must be greater than 0"));
             }
         }
+        errors.extend(self.fanout.problems());
         if self.dev.log_partitions == 0 || self.dev.log_partitions > 1024 {
             errors.push("dev.log_partitions must be between 1 and 1024".into());
         }

@@ -94,27 +94,58 @@ impl Control {
         owner: &str,
         groups: Vec<String>,
     ) -> Result<DeviceEntry, ControlError> {
-        iotpipe_pipeline::record::validate_device_id(device)
-            .map_err(|e| ControlError::Invalid(e.detail))?;
-        if owner.is_empty() || owner.len() > 256 {
-            return Err(ControlError::Invalid(
-                "owner must be 1-256 characters".into(),
-            ));
+        let mut entries = self
+            .register_devices(vec![(device.to_owned(), owner.to_owned(), groups)])
+            .await?;
+        entries
+            .pop()
+            .ok_or_else(|| ControlError::Unavailable("registration returned nothing".into()))
+    }
+
+    /// Registers (or re-registers) many devices: all are checked first, then stored in one
+    /// batch and announced in one append.
+    ///
+    /// # Errors
+    /// [`ControlError::Invalid`] naming the first bad entry (nothing is stored), or
+    /// [`ControlError::Unavailable`].
+    pub async fn register_devices(
+        &self,
+        devices: Vec<(String, String, Vec<String>)>,
+    ) -> Result<Vec<DeviceEntry>, ControlError> {
+        let now = iotpipe_pipeline::time::now_ms();
+        let mut entries = Vec::with_capacity(devices.len());
+        for (device, owner, groups) in devices {
+            iotpipe_pipeline::record::validate_device_id(&device)
+                .map_err(|e| ControlError::Invalid(format!("`{device}`: {}", e.detail)))?;
+            if owner.is_empty() || owner.len() > 256 {
+                return Err(ControlError::Invalid(format!(
+                    "`{device}`: owner must be 1-256 characters"
+                )));
+            }
+            if groups.len() > 32 || groups.iter().any(|g| g.is_empty() || g.len() > 128) {
+                return Err(ControlError::Invalid(format!(
+                    "`{device}`: at most 32 groups of 1-128 characters"
+                )));
+            }
+            entries.push(DeviceEntry {
+                device,
+                owner,
+                groups,
+                updated_at: now,
+            });
         }
-        if groups.len() > 32 || groups.iter().any(|g| g.is_empty() || g.len() > 128) {
-            return Err(ControlError::Invalid(
-                "at most 32 groups of 1-128 characters".into(),
-            ));
+        self.registry.store().put_many(&entries).await?;
+        let mut events = Vec::with_capacity(entries.len());
+        for e in &entries {
+            self.registry.invalidate(&e.device);
+            let ev = RegistryEvent {
+                device: e.device.clone(),
+                entry: Some(e.clone()),
+            };
+            events.push(Produce::json(&e.device, &ev)?);
         }
-        let entry = DeviceEntry {
-            device: device.to_owned(),
-            owner: owner.to_owned(),
-            groups,
-            updated_at: iotpipe_pipeline::time::now_ms(),
-        };
-        self.registry.store().put(&entry).await?;
-        self.announce_device(device, Some(entry.clone())).await?;
-        Ok(entry)
+        self.log.append(&self.topics.registry, events).await?;
+        Ok(entries)
     }
 
     /// Removes a device from the registry; returns whether it was registered.

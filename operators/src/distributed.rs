@@ -28,7 +28,7 @@ use iotpipe_pipeline::log::{Consumer, Log, StartAt};
 use iotpipe_pipeline::metrics::Metrics;
 use iotpipe_pipeline::registry::{CacheConfig, CachedRegistry};
 use iotpipe_pipeline::runtime::{Drain, IngestRunConfig, Operator, RunConfig};
-use iotpipe_redis::{RedisDeadLetters, RedisKv, RedisLatest, RedisPageCache};
+use iotpipe_redis::{RedisDeadLetters, RedisKv, RedisLatest, RedisLimiter, RedisPageCache};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -406,9 +406,17 @@ pub async fn run(
         .await
         .map_err(|e| anyhow!("--http-listen {listen}: {e}"))?;
     let http_addr = listener.local_addr()?;
+    if runs_fanout {
+        crate::fanout::check_exposure(&cfg.fanout, http_addr)?;
+    }
     let mut hub_for_close = None;
     let app = if let (true, Some(latest), Some(history)) = (runs_fanout, &latest, &history) {
-        let hub = Arc::new(Hub::new(cfg.fanout.queue_capacity, metrics.clone()));
+        let hub = Arc::new(Hub::new(
+            cfg.fanout.queue_capacity,
+            cfg.fanout.resume_buffer,
+            metrics.clone(),
+        ));
+        let registry = control.as_ref().map(|c| c.registry.clone());
         let c = log
             .subscribe_at(
                 &topics.changes,
@@ -416,7 +424,12 @@ pub async fn run(
                 StartAt::Latest,
             )
             .await?;
-        ops.spawn("fanout", c, FanoutChanges::new(hub.clone()), 1000);
+        ops.spawn(
+            "fanout",
+            c,
+            FanoutChanges::new(hub.clone(), registry.clone()),
+            1000,
+        );
         let c = log
             .subscribe_at(
                 &topics.alerts,
@@ -424,7 +437,12 @@ pub async fn run(
                 StartAt::Latest,
             )
             .await?;
-        ops.spawn("fanout_alerts", c, FanoutAlerts::new(hub.clone()), 1000);
+        ops.spawn(
+            "fanout_alerts",
+            c,
+            FanoutAlerts::new(hub.clone(), registry.clone()),
+            1000,
+        );
         // One shared group: each dead letter is kept once, whichever instance reads it.
         let dead = Arc::new(RedisDeadLetters::connect(&cfg.redis).await?);
         let c = log
@@ -453,6 +471,9 @@ pub async fn run(
             history_cache: Some((cache, cfg.server.history_cache_ttl)),
             control: control.clone(),
             shutdown: http_stop.clone(),
+            auth: crate::fanout::auth_parts(&cfg.fanout, "admin")?,
+            limiter: Arc::new(RedisLimiter::connect(&cfg.redis).await?),
+            registry,
         })
     } else {
         let (r, m, s) = (ready.clone(), metrics.clone(), http_stop.clone());

@@ -43,6 +43,16 @@ pub struct Metrics {
     pub ws_conflated: IntCounter,
     /// Device ts to push, seconds.
     pub push_latency: Histogram,
+    /// WebSocket connections the server closed, by reason (token_expired, slow, idle, ...).
+    pub ws_closes: IntCounterVec,
+    /// WebSocket upgrades refused, by reason (unauthorized, too_many_connections).
+    pub ws_rejected: IntCounterVec,
+    /// Requests refused by a rate limit, by scope (rest, subscribe).
+    pub rate_limited: IntCounterVec,
+    /// Devices resumed with `since`, by outcome (replayed, snapshot, current).
+    pub ws_resumes: IntCounterVec,
+    /// Devices a subscribe named that the caller may not see (or that do not exist).
+    pub ws_forbidden: IntCounter,
     /// HTTP requests by route and status.
     pub http_requests: IntCounterVec,
     /// HTTP request duration by route.
@@ -162,6 +172,38 @@ impl Metrics {
                     "From the device timestamp to the push to a WebSocket client."
                 )
                 .buckets(latency_buckets.clone())
+            )),
+            ws_closes: reg!(IntCounterVec::new(
+                Opts::new(
+                    "iotpipe_ws_closes_total",
+                    "WebSocket connections closed by the server, by reason."
+                ),
+                &["reason"]
+            )),
+            ws_rejected: reg!(IntCounterVec::new(
+                Opts::new(
+                    "iotpipe_ws_rejected_total",
+                    "WebSocket upgrades refused, by reason."
+                ),
+                &["reason"]
+            )),
+            rate_limited: reg!(IntCounterVec::new(
+                Opts::new(
+                    "iotpipe_rate_limited_total",
+                    "Requests refused by a per-user rate limit, by scope."
+                ),
+                &["scope"]
+            )),
+            ws_resumes: reg!(IntCounterVec::new(
+                Opts::new(
+                    "iotpipe_ws_resumes_total",
+                    "Devices resumed with `since`, by outcome (replayed, snapshot, current)."
+                ),
+                &["outcome"]
+            )),
+            ws_forbidden: reg!(IntCounter::new(
+                "iotpipe_ws_forbidden_total",
+                "Devices named in a subscribe that the caller may not see or that do not exist."
             )),
             http_requests: reg!(IntCounterVec::new(
                 Opts::new(

@@ -60,6 +60,17 @@ pub trait RegistryStore: Send + Sync + 'static {
     /// [`StoreError`] when the store fails.
     async fn put(&self, entry: &DeviceEntry) -> Result<(), StoreError>;
 
+    /// Creates or replaces many entries (one transaction where the store has them).
+    ///
+    /// # Errors
+    /// [`StoreError`]; some entries may be stored when a store without transactions fails.
+    async fn put_many(&self, entries: &[DeviceEntry]) -> Result<(), StoreError> {
+        for e in entries {
+            self.put(e).await?;
+        }
+        Ok(())
+    }
+
     /// Removes an entry; returns whether it existed.
     ///
     /// # Errors
@@ -100,6 +111,15 @@ impl RegistryStore for KvRegistry {
                 value,
             )])
             .await
+    }
+
+    async fn put_many(&self, entries: &[DeviceEntry]) -> Result<(), StoreError> {
+        let mut writes = Vec::with_capacity(entries.len());
+        for e in entries {
+            let value = serde_json::to_vec(e).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            writes.push(KvWrite::Put(format!("{DEVICE_PREFIX}{}", e.device), value));
+        }
+        self.0.apply(writes).await
     }
 
     async fn remove(&self, device: &str) -> Result<bool, StoreError> {
@@ -143,11 +163,14 @@ impl Default for CacheConfig {
     }
 }
 
+/// A cached lookup: the entry (or "not registered") and when it was read.
+type Cached = (Option<Arc<DeviceEntry>>, Instant);
+
 /// The registry as operators see it: the store behind a TTL cache with invalidation.
 pub struct CachedRegistry {
     store: Arc<dyn RegistryStore>,
     cfg: CacheConfig,
-    cache: Mutex<HashMap<String, (Option<DeviceEntry>, Instant)>>,
+    cache: Mutex<HashMap<String, Cached>>,
 }
 
 impl CachedRegistry {
@@ -170,12 +193,20 @@ impl CachedRegistry {
     /// # Errors
     /// [`StoreError`] when the entry is not cached and the store fails.
     pub async fn entry(&self, device: &str) -> Result<Option<DeviceEntry>, StoreError> {
+        Ok(self.shared(device).await?.map(|e| e.as_ref().clone()))
+    }
+
+    /// The entry of `device` as stored (shared, not copied), from the cache when fresh.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the entry is not cached and the store fails.
+    pub async fn shared(&self, device: &str) -> Result<Option<Arc<DeviceEntry>>, StoreError> {
         if let Some((e, at)) = self.cache.lock().get(device) {
             if at.elapsed() < self.cfg.ttl {
                 return Ok(e.clone());
             }
         }
-        let e = self.store.get(device).await?;
+        let e = self.store.get(device).await?.map(Arc::new);
         let mut cache = self.cache.lock();
         if cache.len() >= self.cfg.capacity {
             cache.clear();
@@ -184,15 +215,61 @@ impl CachedRegistry {
         Ok(e)
     }
 
+    /// Who may see `device`: its entry, or for an unregistered device an entry naming the default
+    /// owner when one is set (`iotpipe dev`), else `None` (nobody but admins).
+    ///
+    /// # Errors
+    /// [`StoreError`] when the store fails.
+    pub async fn access(&self, device: &str) -> Result<Option<Arc<DeviceEntry>>, StoreError> {
+        Ok(match self.shared(device).await? {
+            Some(e) => Some(e),
+            None => self.cfg.default_owner.as_ref().map(|owner| {
+                Arc::new(DeviceEntry {
+                    device: device.to_owned(),
+                    owner: owner.clone(),
+                    groups: Vec::new(),
+                    updated_at: 0,
+                })
+            }),
+        })
+    }
+
+    /// The registered devices `user` owns or shares a group with, sorted by id.
+    ///
+    /// Devices of a group are found by listing the whole registry, which costs O(registry size);
+    /// only callers with groups pay it.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the store fails.
+    pub async fn visible_to(
+        &self,
+        user: &str,
+        groups: &[String],
+    ) -> Result<Vec<DeviceEntry>, StoreError> {
+        let mut out = self.store.list(Some(user)).await?;
+        if !groups.is_empty() {
+            out.extend(
+                self.store
+                    .list(None)
+                    .await?
+                    .into_iter()
+                    .filter(|e| e.owner != user && e.groups.iter().any(|g| groups.contains(g))),
+            );
+        }
+        out.sort_by(|a, b| a.device.cmp(&b.device));
+        out.dedup_by(|a, b| a.device == b.device);
+        Ok(out)
+    }
+
     /// The owner of `device` (the default owner when it is not registered and one is set).
     ///
     /// # Errors
     /// [`StoreError`] when the store fails.
     pub async fn owner_of(&self, device: &str) -> Result<Option<String>, StoreError> {
         Ok(self
-            .entry(device)
+            .shared(device)
             .await?
-            .map(|e| e.owner)
+            .map(|e| e.owner.clone())
             .or_else(|| self.cfg.default_owner.clone()))
     }
 
@@ -265,6 +342,46 @@ mod tests {
         );
         assert_eq!(reg.owner_of("d1").await?, Some("local".into()));
         assert_eq!(reg.owner_of("d2").await?, Some("bob".into()));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn visible_to_covers_owned_and_shared_group_devices() -> Result<(), StoreError> {
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let kv: Arc<dyn KeyValue> = Arc::new(RedbKv::open(&dir.path().join("r.redb"))?);
+        let store: Arc<dyn RegistryStore> = Arc::new(KvRegistry(kv));
+        for (d, owner, groups) in [
+            ("a1", "alice", vec![]),
+            ("a2", "alice", vec!["lab".to_owned()]),
+            ("b1", "bob", vec!["lab".to_owned()]),
+            ("b2", "bob", vec!["home".to_owned()]),
+        ] {
+            store
+                .put(&DeviceEntry {
+                    device: d.into(),
+                    owner: owner.into(),
+                    groups,
+                    updated_at: 1,
+                })
+                .await?;
+        }
+        let reg = CachedRegistry::new(store, CacheConfig::default());
+        let ids = |v: Vec<DeviceEntry>| v.into_iter().map(|e| e.device).collect::<Vec<_>>();
+        assert_eq!(ids(reg.visible_to("alice", &[]).await?), ["a1", "a2"]);
+        assert_eq!(
+            ids(reg.visible_to("alice", &["lab".into()]).await?),
+            ["a1", "a2", "b1"]
+        );
+        assert_eq!(
+            ids(reg.visible_to("carol", &[]).await?),
+            Vec::<String>::new()
+        );
+        // Without a default owner an unregistered device is nobody's.
+        assert!(reg.access("zz").await?.is_none());
+        assert_eq!(
+            reg.access("b2").await?.map(|e| e.owner.clone()),
+            Some("bob".into())
+        );
         Ok(())
     }
 }

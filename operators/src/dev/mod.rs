@@ -151,6 +151,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     )
     .await?;
     let http_addr = http_listener.local_addr()?;
+    crate::fanout::check_exposure(&cfg.fanout, http_addr)?;
+    let authenticator = crate::fanout::auth_parts(&cfg.fanout, &cfg.rules.dev_owner)?;
     let mqtt_addr = mqtt_listener.local_addr()?;
     let max_packet = (cfg.limits.max_payload_bytes * 4).max(1 << 20);
     let broker_addr = broker::start_rumqttd(max_packet).await?;
@@ -292,13 +294,17 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             fatal.clone(),
         ));
     }
-    let hub = Arc::new(Hub::new(cfg.fanout.queue_capacity, metrics.clone()));
+    let hub = Arc::new(Hub::new(
+        cfg.fanout.queue_capacity,
+        cfg.fanout.resume_buffer,
+        metrics.clone(),
+    ));
     // Dead letters are written by every stage up to materialize/history, so they drain last.
     let mut stage3_tasks = vec![
         spawn_op(
             "fanout",
             log.subscribe(&topics.changes, "fanout").await?,
-            FanoutChanges::new(hub.clone()),
+            FanoutChanges::new(hub.clone(), Some(registry.clone())),
             run_cfg(1000),
             stage3.clone(),
             metrics.clone(),
@@ -307,7 +313,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         spawn_op(
             "fanout_alerts",
             log.subscribe(&topics.alerts, "fanout").await?,
-            FanoutAlerts::new(hub.clone()),
+            FanoutAlerts::new(hub.clone(), Some(registry.clone())),
             run_cfg(1000),
             stage3.clone(),
             metrics.clone(),
@@ -347,6 +353,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         history_cache: None,
         control: Some(control.clone()),
         shutdown: http_stop.clone(),
+        auth: authenticator,
+        limiter: Arc::new(iotpipe_pipeline::ratelimit::LocalLimiter::default()),
+        registry: Some(registry.clone()),
     };
     let app = api::router(state);
     let http_token = http_stop.clone();

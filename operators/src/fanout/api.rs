@@ -3,22 +3,25 @@
 //! parameters are 400s, never 500s.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Path, Query, Request, State, WebSocketUpgrade};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use iotpipe_pipeline::health::Readiness;
+use iotpipe_pipeline::ratelimit::{Decision, Quota};
 use iotpipe_pipeline::record::validate_device_id;
-use iotpipe_pipeline::store::{HistoryQuery, Order, StoreError};
+use iotpipe_pipeline::store::{DeviceSummary, HistoryQuery, Order, StoreError};
 use iotpipe_pipeline::time::parse_ms_or_rfc3339;
 use iotpipe_pipeline::Retryable;
 use serde_json::json;
 use tracing::error;
 
+use super::auth::Caller;
 use super::AppState;
 
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -31,6 +34,8 @@ pub struct ApiError {
     message: String,
     /// Where in a rule script the error is (line, column).
     at: Option<(usize, usize)>,
+    /// Seconds to wait (429), sent as `Retry-After`.
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -41,6 +46,7 @@ impl ApiError {
             code: "unavailable",
             message: message.into(),
             at: None,
+            retry_after: None,
         }
     }
 
@@ -51,6 +57,7 @@ impl ApiError {
             code: "compile_error",
             message: format!("{line}:{column}: {message}"),
             at: Some((line, column)),
+            retry_after: None,
         }
     }
 
@@ -60,6 +67,40 @@ impl ApiError {
             code: "bad_request",
             message: message.into(),
             at: None,
+            retry_after: None,
+        }
+    }
+
+    /// 401: no valid token.
+    pub(crate) fn unauthorized(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::UNAUTHORIZED,
+            code: "unauthorized",
+            message: message.into(),
+            at: None,
+            retry_after: None,
+        }
+    }
+
+    /// 403: the caller may not see this (the same answer for things that do not exist).
+    pub(crate) fn forbidden(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::FORBIDDEN,
+            code: "forbidden",
+            message: message.into(),
+            at: None,
+            retry_after: None,
+        }
+    }
+
+    /// 429 with `Retry-After` (whole seconds, rounded up).
+    pub(crate) fn too_many(code: &'static str, message: impl Into<String>, wait: Duration) -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            code,
+            message: message.into(),
+            at: None,
+            retry_after: Some(wait.as_millis().div_ceil(1000).max(1) as u64),
         }
     }
 
@@ -69,6 +110,7 @@ impl ApiError {
             code: "not_found",
             message: message.into(),
             at: None,
+            retry_after: None,
         }
     }
 }
@@ -82,6 +124,7 @@ impl From<StoreError> for ApiError {
                 code: "unavailable",
                 message: e.to_string(),
                 at: None,
+                retry_after: None,
             },
             iotpipe_pipeline::ErrorClass::Bug => {
                 error!(error = %e, "Store failed.");
@@ -90,6 +133,7 @@ impl From<StoreError> for ApiError {
                     code: "internal",
                     message: "internal error".into(),
                     at: None,
+                    retry_after: None,
                 }
             }
         }
@@ -102,6 +146,13 @@ impl IntoResponse for ApiError {
         if let Some((line, column)) = self.at {
             error["line"] = json!(line);
             error["column"] = json!(column);
+        }
+        if let Some(secs) = self.retry_after {
+            error["retry_after_ms"] = json!(secs * 1000);
+            let mut res = (self.status, Json(json!({ "error": error }))).into_response();
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(secs));
+            return res;
         }
         (self.status, Json(json!({ "error": error }))).into_response()
     }
@@ -122,6 +173,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/ws", get(ws))
         .merge(super::control_api::routes())
         .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
 }
@@ -147,6 +199,81 @@ async fn track(State(state): State<AppState>, req: Request, next: Next) -> Respo
         .with_label_values(&[&route])
         .observe(started.elapsed().as_secs_f64());
     res
+}
+
+/// Authenticates `/v1/*` calls (except `/v1/info`, and `/v1/ws`, which answers for itself),
+/// counts them against the caller's tier, and hands the [`Caller`] to the handler.
+async fn authenticate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if !path.starts_with("/v1/") || path == "/v1/ws" || path == "/v1/info" {
+        return next.run(req).await;
+    }
+    let caller = match state.auth.from_request(req.headers(), req.uri().query()) {
+        Ok(c) => c,
+        Err(e) => return ApiError::unauthorized(e.to_string()).into_response(),
+    };
+    if caller.authenticated {
+        let tier = state.config.tier(caller.tier.as_deref());
+        let quota = Quota::per_minute(tier.requests_per_minute, tier.burst);
+        match state
+            .limiter
+            .check(&format!("rest:{}", caller.user), &quota)
+            .await
+        {
+            Ok(Decision::Allow) => {}
+            Ok(Decision::Deny { retry_after }) => {
+                state
+                    .metrics
+                    .rate_limited
+                    .with_label_values(&["rest"])
+                    .inc();
+                return ApiError::too_many(
+                    "rate_limited",
+                    format!("more than {} requests per minute", tier.requests_per_minute),
+                    retry_after,
+                )
+                .into_response();
+            }
+            // A limiter outage must not become an API outage.
+            Err(e) => tracing::debug!(error = %e, "Rate limiter unavailable; request let through."),
+        }
+    }
+    req.extensions_mut().insert(Arc::new(caller));
+    next.run(req).await
+}
+
+/// The caller of an authenticated route.
+pub(crate) type Who = Extension<Arc<Caller>>;
+
+/// 403 unless the caller may see `device` (unknown and foreign devices answer the same).
+pub(crate) async fn check_access(
+    state: &AppState,
+    caller: &Caller,
+    device: &str,
+) -> Result<(), ApiError> {
+    if caller.admin {
+        return Ok(());
+    }
+    let entry = match &state.registry {
+        Some(r) => r.access(device).await?,
+        None => None,
+    };
+    if caller.may_see(entry.as_deref()) {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden("no such device, or not yours"))
+    }
+}
+
+/// 403 unless the caller is an administrator.
+pub(crate) fn require_admin(caller: &Caller) -> Result<(), ApiError> {
+    if caller.admin {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(
+            "this endpoint needs an administrator's token",
+        ))
+    }
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
@@ -204,18 +331,42 @@ fn check_device(id: &str) -> Result<(), ApiError> {
 
 async fn devices(
     State(state): State<AppState>,
+    Extension(caller): Who,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let limit = parse_limit(&params, 1000, state.config.max_list_limit)?;
-    let list = state.latest.devices(limit).await?;
+    if caller.admin {
+        let list = state.latest.devices(limit).await?;
+        return Ok(Json(json!({"devices": list})).into_response());
+    }
+    let Some(registry) = &state.registry else {
+        return Ok(Json(json!({"devices": []})).into_response());
+    };
+    let mut list = Vec::new();
+    for e in registry.visible_to(&caller.user, &caller.groups).await? {
+        if list.len() >= limit {
+            break;
+        }
+        if let Some(s) = state.latest.get(&e.device).await? {
+            list.push(DeviceSummary {
+                device: s.device.clone(),
+                last_seen: s.last_seen,
+                ts: s.ts,
+                seq: s.seq,
+            });
+        }
+    }
+    list.sort_by_key(|d| std::cmp::Reverse(d.last_seen));
     Ok(Json(json!({"devices": list})).into_response())
 }
 
 async fn latest(
     State(state): State<AppState>,
+    Extension(caller): Who,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     check_device(&id)?;
+    check_access(&state, &caller, &id).await?;
     let s = state
         .latest
         .get(&id)
@@ -226,10 +377,12 @@ async fn latest(
 
 async fn history(
     State(state): State<AppState>,
+    Extension(caller): Who,
     Path(id): Path<String>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     check_device(&id)?;
+    check_access(&state, &caller, &id).await?;
     let time = |name: &str, default: i64| -> Result<i64, ApiError> {
         params.get(name).map_or(Ok(default), |s| {
             parse_ms_or_rfc3339(s).map_err(|e| ApiError::bad_request(format!("{name}: {e}")))
@@ -300,17 +453,58 @@ fn json_with_cache(body: String, cache: Option<&'static str>) -> Response {
 
 async fn dead_letters(
     State(state): State<AppState>,
+    Extension(caller): Who,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
+    // Dead letters carry any device's payload.
+    require_admin(&caller)?;
     let limit = parse_limit(&params, 100, state.config.max_list_limit)?;
     let letters = state.dead_letters.recent(limit).await?;
     Ok(Json(json!({"dead_letters": letters})).into_response())
 }
 
-async fn ws(State(state): State<AppState>, upgrade: WebSocketUpgrade) -> Response {
+async fn ws(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    uri: Uri,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let caller = match state.auth.from_request(&headers, uri.query()) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            state
+                .metrics
+                .ws_rejected
+                .with_label_values(&["unauthorized"])
+                .inc();
+            return ApiError::unauthorized(e.to_string()).into_response();
+        }
+    };
+    let cap = if caller.authenticated {
+        state.config.tier(caller.tier.as_deref()).connections
+    } else {
+        usize::MAX
+    };
+    let rx = match state.hub.connect(Arc::clone(&caller), cap) {
+        Ok(rx) => rx,
+        Err(_) => {
+            state
+                .metrics
+                .ws_rejected
+                .with_label_values(&["too_many_connections"])
+                .inc();
+            return ApiError::too_many(
+                "too_many_connections",
+                format!("at most {cap} open connections per user"),
+                Duration::from_secs(5),
+            )
+            .into_response();
+        }
+    };
+    let admitted = super::ws::Admitted::new(rx, Arc::clone(&state.hub));
     let max = state.config.max_message_bytes;
     upgrade
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| super::ws::serve(socket, state))
+        .on_upgrade(move |socket| super::ws::serve(socket, state, admitted))
 }

@@ -5,13 +5,15 @@
 //! [`FanoutAlerts`] (the alerts topic); connections ([`ws`]) take their frames from the hub.
 
 pub mod api;
+pub mod auth;
 mod config;
 pub mod control_api;
 pub mod hub;
 pub mod ws;
 
-pub use config::FanoutConfig;
+pub use config::{AuthConfig, AuthMode, FanoutConfig, Tier};
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -20,6 +22,8 @@ use iotpipe_pipeline::change::Change;
 use iotpipe_pipeline::health::Readiness;
 use iotpipe_pipeline::log::LogRecord;
 use iotpipe_pipeline::metrics::Metrics;
+use iotpipe_pipeline::ratelimit::RateLimiter;
+use iotpipe_pipeline::registry::{CachedRegistry, DeviceEntry};
 use iotpipe_pipeline::runtime::{Operator, OperatorError};
 use iotpipe_pipeline::store::{DeadLetterStore, HistoryStore, LatestStore, PageCache};
 use iotpipe_rules::Alert;
@@ -53,17 +57,77 @@ pub struct AppState {
     pub history_cache: Option<(Arc<dyn PageCache>, std::time::Duration)>,
     /// Cancelled at shutdown: connections close with 1001.
     pub shutdown: CancellationToken,
+    /// Verifies callers' tokens.
+    pub auth: Arc<auth::Authenticator>,
+    /// Per-user rate limits (in process in dev, Redis in distributed mode).
+    pub limiter: Arc<dyn RateLimiter>,
+    /// The device registry the access rule reads.
+    pub registry: Option<Arc<CachedRegistry>>,
+}
+
+/// Refuses to serve on a non-loopback address without authentication: without it every caller is
+/// an administrator.
+///
+/// # Errors
+/// When `addr` is not loopback and `fanout.auth.mode` is `none`.
+pub fn check_exposure(cfg: &FanoutConfig, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    if cfg.auth.mode == AuthMode::None && !addr.ip().is_loopback() {
+        anyhow::bail!(
+            "refusing to serve the API on {addr} without authentication: every caller would be an \
+             administrator. Configure [fanout.auth] (mode = \"hs256\" or \"rs256\"), or listen on a \
+             loopback address"
+        );
+    }
+    Ok(())
+}
+
+/// The rate limiter and token verifier of one process.
+///
+/// # Errors
+/// When the RS256 key cannot be read.
+pub fn auth_parts(
+    cfg: &FanoutConfig,
+    anonymous_user: &str,
+) -> anyhow::Result<Arc<auth::Authenticator>> {
+    Ok(Arc::new(auth::Authenticator::new(
+        &cfg.auth,
+        anonymous_user,
+    )?))
+}
+
+/// The registry entries of the devices in a batch, each looked up once (cached by the
+/// registry; a registry outage fails the batch, which the runtime retries).
+async fn entries<'a>(
+    registry: Option<&CachedRegistry>,
+    devices: impl Iterator<Item = &'a str>,
+) -> Result<HashMap<String, Option<Arc<DeviceEntry>>>, OperatorError> {
+    let mut out = HashMap::new();
+    let Some(registry) = registry else {
+        return Ok(out);
+    };
+    for d in devices {
+        if !out.contains_key(d) {
+            let e = registry
+                .access(d)
+                .await
+                .map_err(|e| OperatorError::external(format!("device registry: {e}")))?;
+            out.insert(d.to_owned(), e);
+        }
+    }
+    Ok(out)
 }
 
 /// Feeds change events into the hub.
 pub struct FanoutChanges {
     hub: Arc<Hub>,
+    registry: Option<Arc<CachedRegistry>>,
 }
 
 impl FanoutChanges {
-    /// Builds the operator.
-    pub fn new(hub: Arc<Hub>) -> Self {
-        Self { hub }
+    /// Builds the operator; `registry` decides who may see each device (without one, only
+    /// administrators see anything).
+    pub fn new(hub: Arc<Hub>, registry: Option<Arc<CachedRegistry>>) -> Self {
+        Self { hub, registry }
     }
 }
 
@@ -74,15 +138,25 @@ impl Operator for FanoutChanges {
     }
 
     async fn process(&mut self, batch: &[LogRecord]) -> Result<(), OperatorError> {
+        let mut changes = Vec::with_capacity(batch.len());
         for r in batch {
             match serde_json::from_slice::<Change>(&r.value) {
-                Ok(change) => self.hub.publish(&change),
+                Ok(change) => changes.push(change),
                 // A change we cannot read cannot be pushed; skipping it keeps the stream moving and
                 // the next snapshot a client takes is complete anyway.
                 Err(e) => {
                     warn!(partition = r.partition, offset = r.offset, error = %e, "Skipped undecodable change.")
                 }
             }
+        }
+        let entries = entries(
+            self.registry.as_deref(),
+            changes.iter().map(|c| c.device.as_str()),
+        )
+        .await?;
+        for c in &changes {
+            let entry = entries.get(&c.device).and_then(Option::as_deref);
+            self.hub.publish(c, entry);
         }
         Ok(())
     }
@@ -91,12 +165,13 @@ impl Operator for FanoutChanges {
 /// Feeds alerts into the hub.
 pub struct FanoutAlerts {
     hub: Arc<Hub>,
+    registry: Option<Arc<CachedRegistry>>,
 }
 
 impl FanoutAlerts {
     /// Builds the operator.
-    pub fn new(hub: Arc<Hub>) -> Self {
-        Self { hub }
+    pub fn new(hub: Arc<Hub>, registry: Option<Arc<CachedRegistry>>) -> Self {
+        Self { hub, registry }
     }
 }
 
@@ -107,20 +182,28 @@ impl Operator for FanoutAlerts {
     }
 
     async fn process(&mut self, batch: &[LogRecord]) -> Result<(), OperatorError> {
+        let mut alerts = Vec::with_capacity(batch.len());
         for r in batch {
             match serde_json::from_slice::<Alert>(&r.value) {
-                Ok(a) => {
-                    let frame = serde_json::json!({
-                        "type": "alert", "kind": a.kind, "device": a.device, "rule": a.rule, "ts": a.ts,
-                        "severity": a.severity, "text": a.text,
-                    });
-                    self.hub
-                        .publish_alert(&a.device, &Utf8Bytes::from(frame.to_string()));
-                }
+                Ok(a) => alerts.push(a),
                 Err(e) => {
                     warn!(partition = r.partition, offset = r.offset, error = %e, "Skipped undecodable alert.")
                 }
             }
+        }
+        let entries = entries(
+            self.registry.as_deref(),
+            alerts.iter().map(|a| a.device.as_str()),
+        )
+        .await?;
+        for a in &alerts {
+            let frame = serde_json::json!({
+                "type": "alert", "kind": a.kind, "device": a.device, "rule": a.rule, "ts": a.ts,
+                "severity": a.severity, "text": a.text,
+            });
+            let entry = entries.get(&a.device).and_then(Option::as_deref);
+            self.hub
+                .publish_alert(&a.device, entry, &Utf8Bytes::from(frame.to_string()));
         }
         Ok(())
     }
