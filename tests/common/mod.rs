@@ -205,7 +205,11 @@ impl Ws {
                 Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(&t).unwrap()),
                 Some(Ok(Message::Close(frame))) => return Err(frame.map(|f| u16::from(f.code))),
                 Some(Ok(_)) => continue,
-                Some(Err(_)) | None => return Err(None),
+                Some(Err(e)) => {
+                    eprintln!("WebSocket read failed: {e}");
+                    return Err(None);
+                }
+                None => return Err(None),
             }
         }
     }
@@ -295,6 +299,11 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     /// Starts `iotpipe args...`, logging to `log_path`.
     pub fn spawn(args: &[&str], log_path: &Path) -> Self {
         let log = std::fs::OpenOptions::new()
@@ -394,4 +403,123 @@ pub async fn ws_connect(addr: SocketAddr) -> Ws {
         .await
         .unwrap();
     Ws { stream }
+}
+
+/// An HS256 JWT of `claims`, signed with `secret`.
+pub fn jwt(secret: &str, claims: &Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()).unwrap(),
+    )
+    .unwrap()
+}
+
+/// Epoch seconds `from_now` seconds from now.
+pub fn exp_in(from_now: i64) -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        + from_now
+}
+
+/// A request with `Authorization: Bearer <token>`: status, lowercase headers, JSON body.
+pub async fn request_as(
+    addr: SocketAddr,
+    token: &str,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> (u16, std::collections::HashMap<String, String>, Value) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let body = body.map(Value::to_string).unwrap_or_default();
+    s.write_all(
+        format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    (
+        status,
+        headers,
+        serde_json::from_str(body).unwrap_or(Value::String(body.to_owned())),
+    )
+}
+
+/// Connects a WebSocket client with `?token=`; `Err(status)` when the upgrade is refused.
+pub async fn ws_with_token(addr: SocketAddr, token: &str) -> Result<Ws, u16> {
+    match tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws?token={token}")).await {
+        Ok((stream, _)) => Ok(Ws { stream }),
+        Err(tokio_tungstenite::tungstenite::Error::Http(res)) => Err(res.status().as_u16()),
+        Err(e) => panic!("WebSocket connect to {addr}: {e}"),
+    }
+}
+
+impl Ws {
+    /// Sends a raw text frame.
+    pub async fn send_text(&mut self, text: String) -> bool {
+        self.stream.send(Message::text(text)).await.is_ok()
+    }
+
+    /// Every frame that arrives within `wait` (closing stops the collection).
+    pub async fn drain(&mut self, wait: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + wait;
+        let mut out = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.stream.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => out.push(serde_json::from_str(&t).unwrap()),
+                Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) | Err(_) => {
+                    return out
+                }
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+}
+
+impl Dev {
+    /// Process id of the server.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+}
+
+/// Polls a metric line (`name{labels}`) on `/metrics` until it is non-zero or `wait` passes;
+/// returns its last value.
+pub async fn poll_metric(addr: SocketAddr, line_prefix: &str, wait: Duration) -> f64 {
+    let deadline = Instant::now() + wait;
+    loop {
+        let (_, body) = http_get(addr, "/metrics").await;
+        let v = body
+            .as_str()
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with(line_prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        if v != 0.0 || Instant::now() >= deadline {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -506,5 +506,9 @@ async fn ws(
     upgrade
         .max_message_size(max)
         .max_frame_size(max)
+        // The library's defaults (128 KiB each) would cost ~150 KiB per idle connection; clients
+        // send little, and updates are flushed in batches anyway.
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(16 * 1024)
         .on_upgrade(move |socket| super::ws::serve(socket, state, admitted))
 }

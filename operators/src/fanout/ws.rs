@@ -152,7 +152,12 @@ pub async fn serve(socket: WebSocket, state: AppState, admitted: Admitted) {
                         Some(Ok(Message::Text(text))) => conn.handle_text(&text).await,
                         Some(Ok(Message::Binary(_))) => conn.error("bad_request", "binary frames are not supported; send JSON text").await,
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => true,
-                        Some(Ok(Message::Close(_))) | None => break,
+                        Some(Ok(Message::Close(_))) => {
+                            // Complete the closing handshake (the library queued the reply).
+                            let _ = tokio::time::timeout(Duration::from_secs(1), conn.sink.close()).await;
+                            break;
+                        }
+                        None => break,
                         Some(Err(e)) => {
                             let e = e.to_string();
                             debug!(error = %e, "WebSocket read failed.");
