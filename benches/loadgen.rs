@@ -14,12 +14,13 @@
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
@@ -27,6 +28,8 @@ use hdrhistogram::Histogram;
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
+
+use common::{now_us, proc_stats, start_server};
 
 #[derive(Debug, Parser)]
 #[command(about = "iotpipe end-to-end load generator")]
@@ -67,86 +70,6 @@ struct Args {
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
-}
-
-fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_micros() as u64
-}
-
-struct Server {
-    child: Child,
-    mqtt: SocketAddr,
-    http: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-fn start_server() -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_iotpipe"))
-        .args([
-            "dev",
-            "--mqtt-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(dir.path().join("data"))
-        .env("RUST_LOG", "warn,rumqttd=off")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start iotpipe dev");
-    let out = BufReader::new(child.stdout.take().unwrap());
-    let (mut mqtt, mut http) = (None, None);
-    let mut lines = out.lines();
-    for line in lines.by_ref().map_while(Result::ok) {
-        let addr = || {
-            line.split_whitespace().find_map(|w| {
-                w.trim_start_matches("http://")
-                    .trim_end_matches('/')
-                    .parse()
-                    .ok()
-            })
-        };
-        if line.contains("MQTT broker:") {
-            mqtt = addr();
-        } else if line.contains("Dashboard:") {
-            http = addr();
-        }
-        if mqtt.is_some() && http.is_some() {
-            break;
-        }
-    }
-    // Keep draining the server's stdout so it never writes into a closed pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    Server {
-        child,
-        mqtt: mqtt.expect("mqtt address"),
-        http: http.expect("http address"),
-        _dir: dir,
-    }
-}
-
-/// (utime + stime) in seconds and RSS in KiB of a process, from /proc.
-fn proc_stats(pid: u32) -> Option<(f64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = 100.0; // USER_HZ on Linux
-    let cpu = (f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / ticks;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some((cpu, rss))
 }
 
 async fn publisher(
@@ -256,7 +179,11 @@ async fn receiver(
 fn main() {
     let args = Arc::new(Args::parse());
     let server = if args.mqtt.is_none() || args.http.is_none() {
-        Some(start_server())
+        Some(start_server(
+            Path::new(env!("CARGO_BIN_EXE_iotpipe")),
+            tempfile::tempdir().unwrap(),
+            &[],
+        ))
     } else {
         None
     };
@@ -330,11 +257,8 @@ fn main() {
         }
         report
     });
-    if let Some(mut s) = server {
-        let _ = Command::new("kill")
-            .args(["-TERM", &s.child.id().to_string()])
-            .status();
-        let _ = s.child.wait();
+    if let Some(s) = server {
+        s.stop();
     }
     let text = serde_json::to_string_pretty(&report).unwrap();
     println!("{text}");

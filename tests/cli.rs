@@ -163,3 +163,57 @@ fn a_closed_stdout_does_not_take_dev_down() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Without authentication every caller is an administrator, so the API must not be reachable from
+/// outside the machine: `dev` (and `fanout`/`all`, which share the check) refuse a non-loopback
+/// address unless `[fanout.auth]` is set, and a too-short HS256 secret is a config error.
+#[test]
+fn no_public_listener_without_authentication() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (ok, _, err) = iotpipe(
+        &[
+            "dev",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--mqtt-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "0.0.0.0:0",
+        ],
+        &[],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("refusing to serve the API on 0.0.0.0") && err.contains("[fanout.auth]"),
+        "{err}"
+    );
+    let (ok, _, err) = iotpipe(
+        &["config", "print"],
+        &[
+            ("IOTPIPE_FANOUT__AUTH__MODE", "hs256"),
+            ("IOTPIPE_FANOUT__AUTH__SECRET", "short"),
+        ],
+    );
+    assert!(!ok);
+    assert!(err.contains("at least 32 bytes"), "{err}");
+    // With authentication the same address is accepted (the process starts; stop it).
+    let cfg = dir.path().join("auth.toml");
+    std::fs::write(
+        &cfg,
+        "[fanout.auth]\nmode = \"hs256\"\nsecret = \"0123456789abcdef0123456789abcdef\"\n",
+    )
+    .unwrap();
+    let dev = common::Dev::spawn(
+        &data,
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--mqtt-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "0.0.0.0:0",
+        ],
+    );
+    dev.stop();
+}

@@ -190,14 +190,14 @@ async fn randomized_multi_user_acl() {
     let groups = ["g-red", "g-blue"];
     // device -> (owner, groups)
     let mut acl: HashMap<String, (String, Vec<String>)> = HashMap::new();
-    for u in 0..users.len() {
+    for (u, user) in users.iter().enumerate() {
         for k in 0..3 {
             let g: Vec<String> = if rng.gen_bool(0.3) {
                 vec![groups[rng.gen_range(0..2)].to_owned()]
             } else {
                 vec![]
             };
-            acl.insert(format!("u{u}-d{k}"), (users[u].clone(), g));
+            acl.insert(format!("u{u}-d{k}"), (user.clone(), g));
         }
     }
     let entries: Vec<(String, String, Vec<String>)> = acl
@@ -617,5 +617,32 @@ async fn a_client_behind_past_the_deadline_is_closed() {
     )
     .await;
     assert_eq!(closed, 1.0, "published {i}");
+    dev.stop();
+}
+
+/// The server pings; a client that answers (its library does, as long as it reads) stays, one
+/// that sends nothing is closed after the idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_clients_are_closed_and_live_ones_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev = start(
+        dir.path(),
+        "[fanout]\nping_interval = \"500ms\"\nidle_timeout = \"2s\"\n",
+    );
+    let addr = dev.http;
+    let t = token("ida", json!({}));
+    let mut live = ws_with_token(addr, &t).await.unwrap();
+    let _silent = ws_with_token(addr, &t).await.unwrap();
+    // The live client keeps reading (and so answers pings) for 4 s: twice the idle timeout.
+    let frames = live.drain(Duration::from_secs(4)).await;
+    assert!(frames.is_empty(), "{frames:?}");
+    live.send(json!({"op": "ping"})).await;
+    assert_eq!(live.next_of("pong").await["type"], "pong");
+    // The silent one (never read, so never answered a ping) was closed as idle.
+    assert_eq!(
+        metric(addr, "iotpipe_ws_closes_total{reason=\"idle\"}").await,
+        1.0
+    );
+    assert_eq!(metric(addr, "iotpipe_ws_connections").await, 1.0);
     dev.stop();
 }

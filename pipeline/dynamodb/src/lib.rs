@@ -295,57 +295,15 @@ impl DynamoHistory {
         Ok((pk, sk, item))
     }
 
-    /// Writes one request of at most 25 items, retrying unprocessed items (and throttling or
-    /// transport errors) with backoff until `max_retry_time`.
-    async fn write_chunk(&self, mut requests: Vec<WriteRequest>) -> Result<(), StoreError> {
-        let backoff = Backoff {
-            initial: Duration::from_millis(50),
-            max: Duration::from_secs(5),
-        };
-        let started = Instant::now();
-        let mut attempt = 0;
-        let mut last_error = String::from("throttled");
-        loop {
-            let mut batch = HashMap::new();
-            batch.insert(self.cfg.table.clone(), requests.clone());
-            match self
-                .client
-                .batch_write_item()
-                .set_request_items(Some(batch))
-                .send()
-                .await
-            {
-                Ok(out) => {
-                    requests = out
-                        .unprocessed_items
-                        .and_then(|mut m| m.remove(&self.cfg.table))
-                        .unwrap_or_default();
-                    if requests.is_empty() {
-                        return Ok(());
-                    }
-                }
-                Err(e) => {
-                    // A validation error means a malformed item of ours: retrying cannot help.
-                    if e.code() == Some("ValidationException") {
-                        return Err(StoreError::Corrupt(format!(
-                            "BatchWriteItem refused: {}",
-                            DisplayErrorContext(&e)
-                        )));
-                    }
-                    last_error = DisplayErrorContext(&e).to_string();
-                    warn!(error = %last_error, attempt, "BatchWriteItem failed; retrying.");
-                }
-            }
-            if started.elapsed() >= self.cfg.max_retry_time {
-                return Err(StoreError::Unavailable(format!(
-                    "{} items not written after {:?} ({last_error})",
-                    requests.len(),
-                    self.cfg.max_retry_time
-                )));
-            }
-            tokio::time::sleep(backoff.delay(attempt)).await;
-            attempt = attempt.saturating_add(1);
-        }
+    /// Writes one request of at most 25 items (see [`write_chunk`]).
+    async fn write_chunk(&self, requests: Vec<WriteRequest>) -> Result<(), StoreError> {
+        write_chunk(
+            &self.client,
+            &self.cfg.table,
+            requests,
+            self.cfg.max_retry_time,
+        )
+        .await
     }
 
     /// Queries one partition key for `sk` in `[lo, hi]` (bounds as sort keys), in `order`,
@@ -508,5 +466,61 @@ impl HistoryStore for DynamoHistory {
             }
         }
         Ok(HistoryPage::from_overfetched(items, limit))
+    }
+}
+
+/// Writes one `BatchWriteItem` request of at most 25 items to `table`, retrying unprocessed items
+/// (and throttling or transport errors) with backoff until `max_retry_time`.
+pub(crate) async fn write_chunk(
+    client: &Client,
+    table: &str,
+    mut requests: Vec<WriteRequest>,
+    max_retry_time: Duration,
+) -> Result<(), StoreError> {
+    let backoff = Backoff {
+        initial: Duration::from_millis(50),
+        max: Duration::from_secs(5),
+    };
+    let started = Instant::now();
+    let mut attempt = 0;
+    let mut last_error = String::from("throttled");
+    loop {
+        let mut batch = HashMap::new();
+        batch.insert(table.to_owned(), requests.clone());
+        match client
+            .batch_write_item()
+            .set_request_items(Some(batch))
+            .send()
+            .await
+        {
+            Ok(out) => {
+                requests = out
+                    .unprocessed_items
+                    .and_then(|mut m| m.remove(table))
+                    .unwrap_or_default();
+                if requests.is_empty() {
+                    return Ok(());
+                }
+            }
+            Err(e) => {
+                // A validation error means a malformed item of ours: retrying cannot help.
+                if e.code() == Some("ValidationException") {
+                    return Err(StoreError::Corrupt(format!(
+                        "BatchWriteItem refused: {}",
+                        DisplayErrorContext(&e)
+                    )));
+                }
+                last_error = DisplayErrorContext(&e).to_string();
+                warn!(error = %last_error, attempt, "BatchWriteItem failed; retrying.");
+            }
+        }
+        if started.elapsed() >= max_retry_time {
+            return Err(StoreError::Unavailable(format!(
+                "{} items not written after {max_retry_time:?} ({last_error})",
+                requests.len(),
+            )));
+        }
+        tokio::time::sleep(backoff.delay(attempt)).await;
+        attempt = attempt.saturating_add(1);
     }
 }

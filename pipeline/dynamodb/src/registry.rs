@@ -136,6 +136,42 @@ impl RegistryStore for DynamoRegistry {
             .map_err(|e| unavailable(DisplayErrorContext(&e)))
     }
 
+    async fn put_many(&self, entries: &[DeviceEntry]) -> Result<(), StoreError> {
+        for chunk in entries.chunks(25) {
+            let mut requests = Vec::with_capacity(chunk.len());
+            for e in chunk {
+                let mut item = std::collections::HashMap::from([
+                    ("device".to_owned(), AttributeValue::S(e.device.clone())),
+                    ("owner".to_owned(), AttributeValue::S(e.owner.clone())),
+                    (
+                        "updated_at".to_owned(),
+                        AttributeValue::N(e.updated_at.to_string()),
+                    ),
+                ]);
+                if !e.groups.is_empty() {
+                    item.insert("groups".to_owned(), AttributeValue::Ss(e.groups.clone()));
+                }
+                let put = aws_sdk_dynamodb::types::PutRequest::builder()
+                    .set_item(Some(item))
+                    .build()
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                requests.push(
+                    aws_sdk_dynamodb::types::WriteRequest::builder()
+                        .put_request(put)
+                        .build(),
+                );
+            }
+            crate::write_chunk(
+                &self.client,
+                &self.table,
+                requests,
+                std::time::Duration::from_secs(30),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     async fn remove(&self, device: &str) -> Result<bool, StoreError> {
         let out = self
             .client

@@ -213,4 +213,17 @@ async fn registry_put_get_list_by_owner_remove() {
     assert!(reg.remove("d3").await.unwrap());
     assert!(!reg.remove("d3").await.unwrap());
     assert_eq!(reg.get("d3").await.unwrap(), None);
+    // Bulk: more than one BatchWriteItem request (25 items each), groups kept.
+    let many: Vec<DeviceEntry> = (0..60)
+        .map(|i| {
+            e(
+                &format!("bulk-{i:02}"),
+                "carol",
+                if i % 2 == 0 { &["lab"] } else { &[] },
+            )
+        })
+        .collect();
+    reg.put_many(&many).await.unwrap();
+    let carol = reg.list(Some("carol")).await.unwrap();
+    assert_eq!(carol, many);
 }
