@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{exp_in, jwt, request_as, ws_with_token, Dev, Publisher};
+use common::{exp_in, jwt, metric, request_as, ws_with_token, Dev, Publisher};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
@@ -48,17 +48,6 @@ async fn register(addr: SocketAddr, devices: &[(&str, &str, &[&str])]) {
     let (status, _, v) = request_as(addr, &admin(), "POST", "/v1/admin/devices", Some(&body)).await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["registered"], devices.len());
-}
-
-async fn metric(addr: SocketAddr, line_prefix: &str) -> f64 {
-    let (_, body) = common::http_get(addr, "/metrics").await;
-    body.as_str()
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(line_prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 fn rss_kib(pid: u32) -> u64 {

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::Router;
 use iotpipe_dynamodb::{DynamoHistory, DynamoRegistry};
 use iotpipe_kafka::KafkaLog;
@@ -36,7 +37,7 @@ use crate::config::Config;
 use crate::control::{Control, RegistryFeed, RulesFeed};
 use crate::dead_letters::DeadLetters;
 use crate::fanout::hub::Hub;
-use crate::fanout::{api, AppState, FanoutAlerts, FanoutChanges};
+use crate::fanout::{api, no_delay, AppState, FanoutAlerts, FanoutChanges};
 use crate::history::History;
 use crate::ingest::MqttSource;
 use crate::materialize::Materialize;
@@ -465,7 +466,7 @@ pub async fn run(
             dead_letters: dead,
             hub,
             metrics: metrics.clone(),
-            config: cfg.fanout.clone(),
+            config: Arc::new(cfg.fanout.clone()),
             info: Arc::new(info),
             ready: ready.clone(),
             history_cache: Some((cache, cfg.server.history_cache_ttl)),
@@ -498,7 +499,7 @@ pub async fn run(
     };
     let http_token = http_stop.clone();
     let http_task = tokio::spawn(async move {
-        axum::serve(listener, app)
+        axum::serve(listener.tap_io(no_delay), app)
             .with_graceful_shutdown(http_token.cancelled_owned())
             .await
     });

@@ -97,11 +97,22 @@ pub async fn try_request(
     path: &str,
     body: Option<&Value>,
 ) -> Option<(u16, std::collections::HashMap<String, String>, Value)> {
+    try_request_with(addr, method, path, body, "").await
+}
+
+/// As [`try_request`], with extra header lines (each ending in `\r\n`).
+pub async fn try_request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    headers: &str,
+) -> Option<(u16, std::collections::HashMap<String, String>, Value)> {
     let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
     let body = body.map(Value::to_string).unwrap_or_default();
     s.write_all(
         format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{headers}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         )
         .as_bytes(),
@@ -432,36 +443,28 @@ pub async fn request_as(
     path: &str,
     body: Option<&Value>,
 ) -> (u16, std::collections::HashMap<String, String>, Value) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let body = body.map(Value::to_string).unwrap_or_default();
-    s.write_all(
-        format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .as_bytes(),
+    try_request_with(
+        addr,
+        method,
+        path,
+        body,
+        &format!("Authorization: Bearer {token}\r\n"),
     )
     .await
-    .unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    (
-        status,
-        headers,
-        serde_json::from_str(body).unwrap_or(Value::String(body.to_owned())),
-    )
+    .unwrap_or_else(|| panic!("nothing answers {method} {path} on {addr}"))
+}
+
+/// The value of the first `/metrics` line starting with `line_prefix` (`name{labels}`), 0 when
+/// absent.
+pub async fn metric(addr: SocketAddr, line_prefix: &str) -> f64 {
+    let (_, body) = http_get(addr, "/metrics").await;
+    body.as_str()
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(line_prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// Connects a WebSocket client with `?token=`; `Err(status)` when the upgrade is refused.
@@ -508,15 +511,7 @@ impl Dev {
 pub async fn poll_metric(addr: SocketAddr, line_prefix: &str, wait: Duration) -> f64 {
     let deadline = Instant::now() + wait;
     loop {
-        let (_, body) = http_get(addr, "/metrics").await;
-        let v = body
-            .as_str()
-            .unwrap_or_default()
-            .lines()
-            .find(|l| l.starts_with(line_prefix))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
+        let v = metric(addr, line_prefix).await;
         if v != 0.0 || Instant::now() >= deadline {
             return v;
         }

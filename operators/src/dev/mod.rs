@@ -39,13 +39,14 @@ use crate::config::{Config, DEFAULT_HTTP_LISTEN, DEFAULT_MQTT_LISTEN};
 use crate::control::{Control, RegistryFeed, RulesFeed};
 use crate::dead_letters::DeadLetters;
 use crate::fanout::hub::Hub;
-use crate::fanout::{api, AppState, FanoutAlerts, FanoutChanges};
+use crate::fanout::{api, no_delay, AppState, FanoutAlerts, FanoutChanges};
 use crate::history::History;
 use crate::ingest::{MqttSource, TopicTemplate};
 use crate::materialize::Materialize;
 use crate::rules::Rules;
 use crate::tasks::{join_all, outcome, spawn_ingest, spawn_op};
 use crate::webhooks::Webhooks;
+use axum::serve::ListenerExt;
 
 /// Prints a line for the person running `iotpipe dev`. Unlike `println!` it never panics: a closed
 /// stdout (a parent that stopped reading) must not take the pipeline down.
@@ -347,7 +348,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         dead_letters: dead.clone(),
         hub: hub.clone(),
         metrics: metrics.clone(),
-        config: cfg.fanout.clone(),
+        config: Arc::new(cfg.fanout.clone()),
         info: Arc::new(info),
         ready: ready.clone(),
         history_cache: None,
@@ -360,7 +361,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let app = api::router(state);
     let http_token = http_stop.clone();
     let http_task = tokio::spawn(async move {
-        axum::serve(http_listener, app)
+        axum::serve(http_listener.tap_io(no_delay), app)
             .with_graceful_shutdown(http_token.cancelled_owned())
             .await
     });

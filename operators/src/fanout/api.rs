@@ -507,8 +507,8 @@ async fn ws(
         .max_message_size(max)
         .max_frame_size(max)
         // The library's defaults (128 KiB each) would cost ~150 KiB per idle connection; clients
-        // send little, and updates are flushed in batches anyway.
-        .read_buffer_size(4 * 1024)
-        .write_buffer_size(16 * 1024)
+        // send little, and updates are flushed in batches anyway (both grow when needed).
+        .read_buffer_size(2 * 1024)
+        .write_buffer_size(8 * 1024)
         .on_upgrade(move |socket| super::ws::serve(socket, state, admitted))
 }

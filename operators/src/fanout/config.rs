@@ -53,7 +53,7 @@ impl Default for FanoutConfig {
             max_subscriptions_per_connection: 10_000,
             max_history_limit: 1000,
             max_list_limit: 10_000,
-            resume_buffer: 16,
+            resume_buffer: 8,
             slow_client_deadline: Duration::from_secs(30),
             ping_interval: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(60),

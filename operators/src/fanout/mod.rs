@@ -46,7 +46,7 @@ pub struct AppState {
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Fanout settings.
-    pub config: FanoutConfig,
+    pub config: Arc<FanoutConfig>,
     /// What `GET /v1/info` returns.
     pub info: Arc<serde_json::Value>,
     /// `/readyz` answers 200 only when this says ready.
@@ -63,6 +63,14 @@ pub struct AppState {
     pub limiter: Arc<dyn RateLimiter>,
     /// The device registry the access rule reads.
     pub registry: Option<Arc<CachedRegistry>>,
+}
+
+/// Sets TCP_NODELAY on an accepted connection: pushed updates are small writes that must not
+/// wait for the client's delayed ACK (Nagle's algorithm would hold them up to ~40 ms).
+pub fn no_delay(stream: &mut tokio::net::TcpStream) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "Cannot set TCP_NODELAY.");
+    }
 }
 
 /// Refuses to serve on a non-loopback address without authentication: without it every caller is

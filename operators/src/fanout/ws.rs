@@ -149,7 +149,9 @@ pub async fn serve(socket: WebSocket, state: AppState, admitted: Admitted) {
                 msg = stream.next() => {
                     last_inbound = Instant::now();
                     match msg {
-                        Some(Ok(Message::Text(text))) => conn.handle_text(&text).await,
+                        // Boxed: a subscribe's future is large and rare; kept inline it would
+                        // size every idle connection's task for it.
+                        Some(Ok(Message::Text(text))) => Box::pin(conn.handle_text(&text)).await,
                         Some(Ok(Message::Binary(_))) => conn.error("bad_request", "binary frames are not supported; send JSON text").await,
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => true,
                         Some(Ok(Message::Close(_))) => {
@@ -259,6 +261,14 @@ impl Conn {
     async fn error(&mut self, code: &str, message: &str) -> bool {
         let frame = json!({"type": "error", "code": code, "message": message}).to_string();
         self.send(frame.into(), "error").await
+    }
+
+    /// The connection's one copy of a device id (shared by its maps).
+    fn key(&self, device: &str) -> Arc<str> {
+        self.subs
+            .get(device)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(device))
     }
 
     fn is_new(&mut self, device: &Arc<str>, seq: u64) -> bool {
@@ -492,7 +502,11 @@ impl Conn {
         }
         // Register first, then read the snapshots and resume buffers (see the module docs).
         self.state.hub.subscribe(self.id, &ids, wildcard);
-        self.subs.extend(ids.iter().map(|d| Arc::from(d.as_str())));
+        for d in &ids {
+            if !self.subs.contains(d.as_str()) {
+                self.subs.insert(Arc::from(d.as_str()));
+            }
+        }
         self.wildcard |= wildcard;
         let mut targets = ids;
         if wildcard {
@@ -576,7 +590,7 @@ impl Conn {
     /// (`replayed`, `snapshot`, `current`, or `unavailable` when the snapshot could not be
     /// read and the client was told so); `Err` when the socket failed.
     async fn resume(&mut self, device: &str, since: u64) -> Result<&'static str, ()> {
-        let key: Arc<str> = Arc::from(device);
+        let key = self.key(device);
         // Whatever the client has needs no resending, from the buffer or the queue.
         let last = self.last_seq.entry(Arc::clone(&key)).or_insert(0);
         *last = (*last).max(since);
@@ -627,7 +641,7 @@ impl Conn {
     }
 
     async fn snapshot(&mut self, s: &LatestState) -> bool {
-        let device: Arc<str> = Arc::from(s.device.as_str());
+        let device = self.key(&s.device);
         let last = self.last_seq.entry(device).or_insert(0);
         *last = (*last).max(s.seq);
         let frame = json!({"type": "snapshot", "device": s.device, "ts": s.ts, "seq": s.seq, "state": s.values()}).to_string();

@@ -59,7 +59,11 @@ impl MqttSource {
             .set_clean_session(false)
             .set_manual_acks(true)
             .set_max_packet_size(max_packet, max_packet);
-        let (client, eventloop) = AsyncClient::new(opts, 10_000);
+        let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
+        // Acknowledgements are tiny writes: without TCP_NODELAY they can wait out a delayed ACK.
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        eventloop.set_network_options(net);
         let (tx, rx) = mpsc::unbounded_channel();
         let filter = template.subscription_filter();
         let (sub_tx, subscribed) = tokio::sync::watch::channel(false);
