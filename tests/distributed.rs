@@ -655,25 +655,17 @@ async fn resume_with_since_on_another_fanout_instance() {
     ws.next_of("subscribed").await;
     for _ in 0..3 {
         let (topic, payload) = publish(device.clone());
-        p.publish(&topic, payload.as_bytes(), Duration::from_secs(10))
-            .await;
+        p.publish(&topic, payload.as_bytes(), Duration::from_secs(10)).await;
     }
-    let mut last = 0;
-    while last < 3 {
-        last = ws.next_of("update").await["seq"].as_u64().unwrap();
-    }
+    ws.until_seq(3).await;
     drop(ws);
     // Missed while away: 4..=7.
     for _ in 0..4 {
         let (topic, payload) = publish(device.clone());
-        p.publish(&topic, payload.as_bytes(), Duration::from_secs(10))
-            .await;
+        p.publish(&topic, payload.as_bytes(), Duration::from_secs(10)).await;
     }
     // f2 has published seq 7 (so its buffer holds it): its watcher saw it.
-    let mut last = 0;
-    while last < 7 {
-        last = watchers[1].next_of("update").await["seq"].as_u64().unwrap();
-    }
+    watchers[1].until_seq(7).await;
 
     // Reconnect to f2 with since=3: exactly 4, 5, 6, 7, replayed.
     let mut ws = ws_with_token(f2, &rita).await.unwrap();
@@ -698,15 +690,11 @@ async fn resume_with_since_on_another_fanout_instance() {
     // Away for longer than the buffer holds (8): a snapshot with the newest state instead.
     for _ in 0..12 {
         let (topic, payload) = publish(device.clone());
-        p.publish(&topic, payload.as_bytes(), Duration::from_secs(10))
-            .await;
+        p.publish(&topic, payload.as_bytes(), Duration::from_secs(10)).await;
     }
     // f1 has published seq 19 (an instance that has not yet consumed a change answers "current"
     // and delivers it live, which is no gap either, but not what this step tests).
-    let mut last = 0;
-    while last < 19 {
-        last = watchers[0].next_of("update").await["seq"].as_u64().unwrap();
-    }
+    watchers[0].until_seq(19).await;
     let mut ws = ws_with_token(f1, &rita).await.unwrap();
     ws.send(json!({"op": "subscribe", "devices": [device], "since": {device.clone(): 7}}))
         .await;

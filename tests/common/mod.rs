@@ -477,6 +477,11 @@ pub async fn ws_with_token(addr: SocketAddr, token: &str) -> Result<Ws, u16> {
 }
 
 impl Ws {
+    /// Reads updates until one with `seq` at least `seq` arrived.
+    pub async fn until_seq(&mut self, seq: u64) {
+        while self.next_of("update").await["seq"].as_u64().unwrap() < seq {}
+    }
+
     /// Sends a raw text frame.
     pub async fn send_text(&mut self, text: String) -> bool {
         self.stream.send(Message::text(text)).await.is_ok()
