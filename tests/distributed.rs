@@ -655,14 +655,16 @@ async fn resume_with_since_on_another_fanout_instance() {
     ws.next_of("subscribed").await;
     for _ in 0..3 {
         let (topic, payload) = publish(device.clone());
-        p.publish(&topic, payload.as_bytes(), Duration::from_secs(10)).await;
+        p.publish(&topic, payload.as_bytes(), Duration::from_secs(10))
+            .await;
     }
     ws.until_seq(3).await;
     drop(ws);
     // Missed while away: 4..=7.
     for _ in 0..4 {
         let (topic, payload) = publish(device.clone());
-        p.publish(&topic, payload.as_bytes(), Duration::from_secs(10)).await;
+        p.publish(&topic, payload.as_bytes(), Duration::from_secs(10))
+            .await;
     }
     // f2 has published seq 7 (so its buffer holds it): its watcher saw it.
     watchers[1].until_seq(7).await;
@@ -690,7 +692,8 @@ async fn resume_with_since_on_another_fanout_instance() {
     // Away for longer than the buffer holds (8): a snapshot with the newest state instead.
     for _ in 0..12 {
         let (topic, payload) = publish(device.clone());
-        p.publish(&topic, payload.as_bytes(), Duration::from_secs(10)).await;
+        p.publish(&topic, payload.as_bytes(), Duration::from_secs(10))
+            .await;
     }
     // f1 has published seq 19 (an instance that has not yet consumed a change answers "current"
     // and delivers it live, which is no gap either, but not what this step tests).
