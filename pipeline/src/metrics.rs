@@ -41,6 +41,10 @@ pub struct Metrics {
     pub ws_messages: IntCounterVec,
     /// Updates merged into a pending update because a client's queue was full.
     pub ws_conflated: IntCounter,
+    /// Updates waiting in connections' queues (each queue holds at most `fanout.queue_capacity`).
+    pub ws_queued: IntGauge,
+    /// Conflated updates waiting for slow connections (at most one per connection and device).
+    pub ws_pending: IntGauge,
     /// Device ts to push, seconds.
     pub push_latency: Histogram,
     /// WebSocket connections the server closed, by reason (token_expired, slow, idle, ...).
@@ -165,6 +169,14 @@ impl Metrics {
             ws_conflated: reg!(IntCounter::new(
                 "iotpipe_ws_conflated_total",
                 "Updates merged into a pending update because a client's queue was full."
+            )),
+            ws_queued: reg!(IntGauge::new(
+                "iotpipe_ws_queued_updates",
+                "Updates waiting in WebSocket connections' queues."
+            )),
+            ws_pending: reg!(IntGauge::new(
+                "iotpipe_ws_pending_updates",
+                "Conflated updates waiting for slow WebSocket connections."
             )),
             push_latency: reg!(Histogram::with_opts(
                 HistogramOpts::new(

@@ -191,6 +191,18 @@ impl Hub {
         })
     }
 
+    /// Counts `n` queued updates as taken off a connection's queue.
+    pub fn dequeued(&self, n: usize) {
+        self.metrics.ws_queued.sub(n as i64);
+    }
+
+    /// Takes a connection's conflated updates (to send them).
+    pub fn take_pending(&self, conn: &ConnHandle) -> HashMap<Arc<str>, Pending> {
+        let pending = std::mem::take(&mut *conn.pending.lock());
+        self.metrics.ws_pending.sub(pending.len() as i64);
+        pending
+    }
+
     /// Removes a connection and all its subscriptions.
     pub fn disconnect(&self, id: u64) {
         let mut inner = self.inner.write();
@@ -282,7 +294,7 @@ impl Hub {
                 continue;
             }
             match conn.tx.try_send(Outbound::Update(Arc::clone(&delivery))) {
-                Ok(()) => {}
+                Ok(()) => self.metrics.ws_queued.inc(),
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     pending.insert(
                         Arc::clone(&delivery.device),
@@ -293,6 +305,7 @@ impl Hub {
                         },
                     );
                     drop(pending);
+                    self.metrics.ws_pending.inc();
                     let _ = conn.behind_since.compare_exchange(
                         0,
                         now_ms(),

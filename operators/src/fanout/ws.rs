@@ -82,6 +82,14 @@ impl Admitted {
 impl Drop for Admitted {
     fn drop(&mut self) {
         self.hub.disconnect(self.rx.id);
+        // What was still waiting for this connection is gone with it.
+        self.rx.rx.close();
+        let mut left = 0;
+        while self.rx.rx.try_recv().is_ok() {
+            left += 1;
+        }
+        self.hub.dequeued(left);
+        self.hub.take_pending(&self.rx.handle);
     }
 }
 
@@ -189,10 +197,14 @@ pub async fn serve(socket: WebSocket, state: AppState, admitted: Admitted) {
                 }
                 Some(Outbound::Update(first)) = rx.rx.recv() => {
                     // Send what is queued in one go and flush once.
+                    state.hub.dequeued(1);
                     let mut ok = conn.feed_update(&first, true).await;
                     while ok {
                         match rx.rx.try_recv() {
-                            Ok(Outbound::Update(d)) => ok = conn.feed_update(&d, true).await,
+                            Ok(Outbound::Update(d)) => {
+                                state.hub.dequeued(1);
+                                ok = conn.feed_update(&d, true).await;
+                            }
                             Err(_) => break,
                         }
                     }
@@ -313,7 +325,7 @@ impl Conn {
     }
 
     async fn flush_pending(&mut self, handle: &ConnHandle) -> bool {
-        let pending = std::mem::take(&mut *handle.pending.lock());
+        let pending = self.state.hub.take_pending(handle);
         for (device, p) in pending {
             let frame = update_frame(&device, p.ts, p.seq, &p.changes);
             if !self.feed(&device, p.seq, p.ts, frame.into(), true).await {
