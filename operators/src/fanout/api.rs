@@ -13,7 +13,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
 use iotpipe_pipeline::health::Readiness;
-use iotpipe_pipeline::ratelimit::{Decision, Quota};
+use iotpipe_pipeline::ratelimit::Quota;
 use iotpipe_pipeline::record::validate_device_id;
 use iotpipe_pipeline::store::{DeviceSummary, HistoryQuery, Order, StoreError};
 use iotpipe_pipeline::time::parse_ms_or_rfc3339;
@@ -212,31 +212,15 @@ async fn authenticate(State(state): State<AppState>, mut req: Request, next: Nex
         Ok(c) => c,
         Err(e) => return ApiError::unauthorized(e.to_string()).into_response(),
     };
-    if caller.authenticated {
-        let tier = state.config.tier(caller.tier.as_deref());
-        let quota = Quota::per_minute(tier.requests_per_minute, tier.burst);
-        match state
-            .limiter
-            .check(&format!("rest:{}", caller.user), &quota)
-            .await
-        {
-            Ok(Decision::Allow) => {}
-            Ok(Decision::Deny { retry_after }) => {
-                state
-                    .metrics
-                    .rate_limited
-                    .with_label_values(&["rest"])
-                    .inc();
-                return ApiError::too_many(
-                    "rate_limited",
-                    format!("more than {} requests per minute", tier.requests_per_minute),
-                    retry_after,
-                )
-                .into_response();
-            }
-            // A limiter outage must not become an API outage.
-            Err(e) => tracing::debug!(error = %e, "Rate limiter unavailable; request let through."),
-        }
+    let tier = state.config.tier(caller.tier.as_deref());
+    let quota = Quota::per_minute(tier.requests_per_minute, tier.burst);
+    if let Some(retry_after) = state.over_limit(&caller, "rest", &quota).await {
+        return ApiError::too_many(
+            "rate_limited",
+            format!("more than {} requests per minute", tier.requests_per_minute),
+            retry_after,
+        )
+        .into_response();
     }
     req.extensions_mut().insert(Arc::new(caller));
     next.run(req).await
@@ -251,14 +235,7 @@ pub(crate) async fn check_access(
     caller: &Caller,
     device: &str,
 ) -> Result<(), ApiError> {
-    if caller.admin {
-        return Ok(());
-    }
-    let entry = match &state.registry {
-        Some(r) => r.access(device).await?,
-        None => None,
-    };
-    if caller.may_see(entry.as_deref()) {
+    if state.may_see(caller, device).await? {
         Ok(())
     } else {
         Err(ApiError::forbidden("no such device, or not yours"))
@@ -339,15 +316,12 @@ async fn devices(
         let list = state.latest.devices(limit).await?;
         return Ok(Json(json!({"devices": list})).into_response());
     }
-    let Some(registry) = &state.registry else {
-        return Ok(Json(json!({"devices": []})).into_response());
-    };
     let mut list = Vec::new();
-    for e in registry.visible_to(&caller.user, &caller.groups).await? {
+    for device in state.visible_devices(&caller, usize::MAX).await? {
         if list.len() >= limit {
             break;
         }
-        if let Some(s) = state.latest.get(&e.device).await? {
+        if let Some(s) = state.latest.get(&device).await? {
             list.push(DeviceSummary {
                 device: s.device.clone(),
                 last_seen: s.last_seen,

@@ -125,6 +125,87 @@ async fn entries<'a>(
     Ok(out)
 }
 
+impl AppState {
+    /// Whether `caller` may see `device` (administrators see all; see [`auth`]).
+    ///
+    /// # Errors
+    /// When the registry cannot be read.
+    pub async fn may_see(
+        &self,
+        caller: &auth::Caller,
+        device: &str,
+    ) -> Result<bool, iotpipe_pipeline::store::StoreError> {
+        if caller.admin {
+            return Ok(true);
+        }
+        let entry = match &self.registry {
+            Some(r) => r.access(device).await?,
+            None => None,
+        };
+        Ok(caller.may_see(entry.as_deref()))
+    }
+
+    /// The devices `caller` sees, at most `limit`: every device with state for an administrator,
+    /// else the registered devices the caller owns or shares a group with.
+    ///
+    /// # Errors
+    /// When the store or the registry cannot be read.
+    pub async fn visible_devices(
+        &self,
+        caller: &auth::Caller,
+        limit: usize,
+    ) -> Result<Vec<String>, iotpipe_pipeline::store::StoreError> {
+        if caller.admin {
+            return Ok(self
+                .latest
+                .devices(limit)
+                .await?
+                .into_iter()
+                .map(|d| d.device)
+                .collect());
+        }
+        let Some(registry) = &self.registry else {
+            return Ok(Vec::new());
+        };
+        Ok(registry
+            .visible_to(&caller.user, &caller.groups)
+            .await?
+            .into_iter()
+            .take(limit)
+            .map(|e| e.device)
+            .collect())
+    }
+
+    /// Counts one request of `caller` against `quota` (key `{scope}:{user}`); `Some(wait)` when
+    /// over. Unauthenticated callers are not limited, and a limiter outage lets the request
+    /// through: it must not become an outage of the API.
+    pub async fn over_limit(
+        &self,
+        caller: &auth::Caller,
+        scope: &'static str,
+        quota: &iotpipe_pipeline::ratelimit::Quota,
+    ) -> Option<std::time::Duration> {
+        if !caller.authenticated {
+            return None;
+        }
+        match self
+            .limiter
+            .check(&format!("{scope}:{}", caller.user), quota)
+            .await
+        {
+            Ok(iotpipe_pipeline::ratelimit::Decision::Allow) => None,
+            Ok(iotpipe_pipeline::ratelimit::Decision::Deny { retry_after }) => {
+                self.metrics.rate_limited.with_label_values(&[scope]).inc();
+                Some(retry_after)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "Rate limiter unavailable; request let through.");
+                None
+            }
+        }
+    }
+}
+
 /// Feeds change events into the hub.
 pub struct FanoutChanges {
     hub: Arc<Hub>,

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use iotpipe_pipeline::change::LatestState;
-use iotpipe_pipeline::ratelimit::{Decision, Quota};
+use iotpipe_pipeline::ratelimit::Quota;
 use iotpipe_pipeline::record::validate_device_id;
 use iotpipe_pipeline::time::now_ms;
 use serde::Deserialize;
@@ -45,9 +45,6 @@ pub mod close {
     /// The client sent nothing, not even a pong, for `fanout.idle_timeout`.
     pub const IDLE: u16 = 4003;
 }
-
-/// Kept for callers of the old name.
-pub const CLOSE_GOING_AWAY: u16 = close::GOING_AWAY;
 
 #[derive(Debug, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
@@ -384,32 +381,11 @@ impl Conn {
 
     /// Counts a subscribe/unsubscribe request against the caller's tier; `Some(wait)` when over.
     async fn rate_limited(&self) -> Option<Duration> {
-        if !self.caller.authenticated {
-            return None;
-        }
         let tier = self.state.config.tier(self.caller.tier.as_deref());
         let quota = Quota::per_minute(tier.subscribes_per_minute, tier.subscribe_burst());
-        match self
-            .state
-            .limiter
-            .check(&format!("sub:{}", self.caller.user), &quota)
+        self.state
+            .over_limit(&self.caller, "subscribe", &quota)
             .await
-        {
-            Ok(Decision::Allow) => None,
-            Ok(Decision::Deny { retry_after }) => {
-                self.state
-                    .metrics
-                    .rate_limited
-                    .with_label_values(&["subscribe"])
-                    .inc();
-                Some(retry_after)
-            }
-            // A limiter outage must not become an outage of the push service.
-            Err(e) => {
-                debug!(error = %e, "Rate limiter unavailable; request let through.");
-                None
-            }
-        }
     }
 
     async fn rate_limited_error(&mut self, retry: Duration) -> bool {
@@ -449,17 +425,15 @@ impl Conn {
 
     /// Splits device ids into those the caller may see and the rest (unknown or foreign alike).
     async fn authorize(&self, ids: Vec<String>) -> Result<(Vec<String>, Vec<String>), String> {
-        if self.caller.admin {
-            return Ok((ids, Vec::new()));
-        }
         let mut allowed = Vec::with_capacity(ids.len());
         let mut refused = Vec::new();
         for d in ids {
-            let entry = match &self.state.registry {
-                Some(r) => r.access(&d).await.map_err(|e| e.to_string())?,
-                None => None,
-            };
-            if self.caller.may_see(entry.as_deref()) {
+            if self
+                .state
+                .may_see(&self.caller, &d)
+                .await
+                .map_err(|e| e.to_string())?
+            {
                 allowed.push(d);
             } else {
                 refused.push(d);
@@ -522,7 +496,8 @@ impl Conn {
         self.wildcard |= wildcard;
         let mut targets = ids;
         if wildcard {
-            match self.wildcard_devices().await {
+            let limit = self.state.config.max_list_limit;
+            match self.state.visible_devices(&self.caller, limit).await {
                 Ok(all) => targets.extend(all),
                 Err(e) => {
                     warn!(error = %e, "Cannot list devices for a snapshot.");
@@ -568,33 +543,6 @@ impl Conn {
             frame["resumed"] = serde_json::Value::Object(resumed);
         }
         self.send(frame.to_string().into(), "subscribed").await
-    }
-
-    /// What `*` covers now: every device for an administrator, else the caller's devices.
-    async fn wildcard_devices(&self) -> Result<Vec<String>, String> {
-        let limit = self.state.config.max_list_limit;
-        if self.caller.admin {
-            return Ok(self
-                .state
-                .latest
-                .devices(limit)
-                .await
-                .map_err(|e| e.to_string())?
-                .into_iter()
-                .map(|d| d.device)
-                .collect());
-        }
-        let Some(registry) = &self.state.registry else {
-            return Ok(Vec::new());
-        };
-        Ok(registry
-            .visible_to(&self.caller.user, &self.caller.groups)
-            .await
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .take(limit)
-            .map(|e| e.device)
-            .collect())
     }
 
     /// Brings a resuming client of `device` (which has everything up to `since`) up to date:
